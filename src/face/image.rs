@@ -1,0 +1,347 @@
+//! Image bytes in, 8-bit RGB pixels out: format sniffing (JPEG, PNG, WebP, BMP), size
+//! limits checked from the header before any pixel buffer is allocated, EXIF orientation,
+//! and the same 8-bit conversion OpenCV's `imread` applies (16-bit samples keep their high
+//! byte, alpha is dropped, grey is replicated), so pixels match what insightface sees.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+
+use super::FaceError;
+
+/// Limits applied while decoding. Checked against the header before decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Largest accepted width or height, in pixels.
+    pub max_side: u32,
+    /// Largest accepted width x height.
+    pub max_pixels: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        // 40 Mpx covers every camera up to 8K and phone photos; 16384 per side is what
+        // JPEG and WebP themselves allow at most for WebP and most encoders.
+        Self { max_side: 16_384, max_pixels: 40_000_000 }
+    }
+}
+
+/// The encodings we accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageKind {
+    Jpeg,
+    Png,
+    Webp,
+    Bmp,
+}
+
+impl ImageKind {
+    /// File extension for this encoding.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Jpeg => "jpg",
+            Self::Png => "png",
+            Self::Webp => "webp",
+            Self::Bmp => "bmp",
+        }
+    }
+
+    fn from_format(f: ImageFormat) -> Option<Self> {
+        match f {
+            ImageFormat::Jpeg => Some(Self::Jpeg),
+            ImageFormat::Png => Some(Self::Png),
+            ImageFormat::WebP => Some(Self::Webp),
+            ImageFormat::Bmp => Some(Self::Bmp),
+            _ => None,
+        }
+    }
+}
+
+/// The encoding of `bytes` from its signature, when it is one we accept.
+pub fn sniff(bytes: &[u8]) -> Option<ImageKind> {
+    image::guess_format(bytes).ok().and_then(ImageKind::from_format)
+}
+
+/// A decoded image: upright 8-bit RGB.
+#[derive(Debug, Clone)]
+pub struct DecodedImage {
+    pub rgb: RgbImage,
+    pub kind: ImageKind,
+}
+
+/// Decodes `bytes` to upright 8-bit RGB within `limits`.
+pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage, FaceError> {
+    if bytes.is_empty() {
+        return Err(FaceError::InvalidImage("empty input: no image bytes".into()));
+    }
+    let kind = sniff(bytes).ok_or_else(|| FaceError::InvalidImage("not a supported image: expected JPEG, PNG, WebP or BMP".into()))?;
+    let mut reader = ImageReader::new(Cursor::new(bytes));
+    reader.set_format(match kind {
+        ImageKind::Jpeg => ImageFormat::Jpeg,
+        ImageKind::Png => ImageFormat::Png,
+        ImageKind::Webp => ImageFormat::WebP,
+        ImageKind::Bmp => ImageFormat::Bmp,
+    });
+    let mut lim = Limits::default();
+    lim.max_image_width = Some(limits.max_side);
+    lim.max_image_height = Some(limits.max_side);
+    // Decoded buffer (up to 16-bit RGBA) plus the decoder's own working memory.
+    lim.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(lim);
+    let mut decoder = reader.into_decoder().map_err(|e| map_image_error(e, limits))?;
+    let (w, h) = decoder.dimensions();
+    check_size(w, h, limits)?;
+    // A broken EXIF block must not reject an otherwise fine photo: treat it as upright.
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = match kind {
+        // The header was read and checked above; the pixels come from libjpeg.
+        ImageKind::Jpeg => match decode_jpeg_libjpeg(bytes)? {
+            Some(rgb) => DynamicImage::ImageRgb8(rgb),
+            None => DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(e, limits))?,
+        },
+        _ => DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(e, limits))?,
+    };
+    img.apply_orientation(orientation);
+    Ok(DecodedImage { rgb: to_rgb8_like_opencv(img), kind })
+}
+
+thread_local! {
+    /// Set by [`jpeg_warning`] when libjpeg reports that the data ended early.
+    static JPEG_TRUNCATED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// libjpeg's warning hook: notes a premature end of data, ignores the rest (as OpenCV does).
+extern "C-unwind" fn jpeg_warning(cinfo: &mut mozjpeg_sys::jpeg_common_struct, level: std::os::raw::c_int) {
+    // SAFETY: libjpeg calls this hook with `err` pointing at the error manager it was given.
+    let code = unsafe { cinfo.err.as_ref() }.map_or(0, |e| e.msg_code);
+    if level < 0 && code == mozjpeg_sys::JWRN_JPEG_EOF as std::os::raw::c_int {
+        JPEG_TRUNCATED.with(|t| t.set(true));
+    }
+}
+
+/// libjpeg's fatal-error hook: unwinds (without the panic hook) to the `catch_unwind` below.
+extern "C-unwind" fn jpeg_error(cinfo: &mut mozjpeg_sys::jpeg_common_struct) {
+    // SAFETY: as above.
+    let code = unsafe { cinfo.err.as_ref() }.map_or(0, |e| e.msg_code);
+    std::panic::resume_unwind(Box::new(format!("libjpeg error {code}")));
+}
+
+/// Decodes a JPEG to RGB with libjpeg (islow IDCT, fancy upsampling: OpenCV's defaults).
+/// `Ok(None)` for colour spaces libjpeg cannot turn into RGB (CMYK, YCCK).
+fn decode_jpeg_libjpeg(bytes: &[u8]) -> Result<Option<RgbImage>, FaceError> {
+    let invalid = |m: String| FaceError::InvalidImage(format!("could not decode JPEG: {m}"));
+    JPEG_TRUNCATED.with(|t| t.set(false));
+    let result = std::panic::catch_unwind(|| -> std::io::Result<Option<(usize, usize, Vec<u8>)>> {
+        // SAFETY: a zeroed error manager is what jpeg_std_error expects to fill in.
+        let mut err: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+        // SAFETY: `err` is a valid, exclusively borrowed error manager.
+        unsafe { mozjpeg_sys::jpeg_std_error(&mut err) };
+        err.error_exit = Some(jpeg_error);
+        err.emit_message = Some(jpeg_warning);
+        let d = mozjpeg::Decompress::with_err(err).from_mem(bytes)?;
+        if matches!(d.color_space(), mozjpeg_sys::J_COLOR_SPACE::JCS_CMYK | mozjpeg_sys::J_COLOR_SPACE::JCS_YCCK) {
+            return Ok(None);
+        }
+        let mut started = d.rgb()?;
+        let (w, h) = (started.width(), started.height());
+        let data: Vec<u8> = started.read_scanlines()?;
+        started.finish()?;
+        Ok(Some((w, h, data)))
+    });
+    let decoded = match result {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return Err(invalid(e.to_string())),
+        Err(panic) => return Err(invalid(panic.downcast_ref::<String>().cloned().unwrap_or_else(|| "corrupt data".into()))),
+    };
+    if JPEG_TRUNCATED.with(|t| t.get()) {
+        return Err(FaceError::InvalidImage("truncated JPEG: the data ends before the image does".into()));
+    }
+    let Some((w, h, data)) = decoded else { return Ok(None) };
+    let (w, h) = (u32::try_from(w).map_err(|_| invalid("width".into()))?, u32::try_from(h).map_err(|_| invalid("height".into()))?);
+    RgbImage::from_raw(w, h, data).map(Some).ok_or_else(|| invalid("short pixel buffer".into()))
+}
+
+fn check_size(w: u32, h: u32, limits: &ImageLimits) -> Result<(), FaceError> {
+    if w == 0 || h == 0 {
+        return Err(FaceError::InvalidImage(format!("image has no pixels ({w}x{h})")));
+    }
+    if w > limits.max_side || h > limits.max_side || u64::from(w) * u64::from(h) > limits.max_pixels {
+        return Err(FaceError::ImageTooLarge { width: w, height: h, max_side: limits.max_side, max_pixels: limits.max_pixels });
+    }
+    Ok(())
+}
+
+fn map_image_error(e: image::ImageError, limits: &ImageLimits) -> FaceError {
+    match e {
+        image::ImageError::Limits(l) => FaceError::InvalidImage(format!(
+            "image exceeds the decoding limits ({l}); at most {} px per side and {} px in all",
+            limits.max_side, limits.max_pixels
+        )),
+        other => FaceError::InvalidImage(format!("could not decode image: {other}")),
+    }
+}
+
+/// OpenCV's IMREAD_COLOR conversion: 16-bit samples are reduced by dropping the low byte
+/// (libpng's strip_16), alpha is discarded without compositing, grey is replicated.
+fn to_rgb8_like_opencv(img: DynamicImage) -> RgbImage {
+    let (w, h) = (img.width(), img.height());
+    match img {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        DynamicImage::ImageRgba8(rgba) => RgbImage::from_fn(w, h, |x, y| {
+            let p = rgba.get_pixel(x, y).0;
+            image::Rgb([p[0], p[1], p[2]])
+        }),
+        DynamicImage::ImageLuma8(l) => RgbImage::from_fn(w, h, |x, y| {
+            let v = l.get_pixel(x, y).0[0];
+            image::Rgb([v, v, v])
+        }),
+        DynamicImage::ImageLumaA8(l) => RgbImage::from_fn(w, h, |x, y| {
+            let v = l.get_pixel(x, y).0[0];
+            image::Rgb([v, v, v])
+        }),
+        DynamicImage::ImageRgb16(p) => RgbImage::from_fn(w, h, |x, y| {
+            let s = p.get_pixel(x, y).0;
+            image::Rgb([(s[0] >> 8) as u8, (s[1] >> 8) as u8, (s[2] >> 8) as u8])
+        }),
+        DynamicImage::ImageRgba16(p) => RgbImage::from_fn(w, h, |x, y| {
+            let s = p.get_pixel(x, y).0;
+            image::Rgb([(s[0] >> 8) as u8, (s[1] >> 8) as u8, (s[2] >> 8) as u8])
+        }),
+        DynamicImage::ImageLuma16(p) => RgbImage::from_fn(w, h, |x, y| {
+            let v = (p.get_pixel(x, y).0[0] >> 8) as u8;
+            image::Rgb([v, v, v])
+        }),
+        DynamicImage::ImageLumaA16(p) => RgbImage::from_fn(w, h, |x, y| {
+            let v = (p.get_pixel(x, y).0[0] >> 8) as u8;
+            image::Rgb([v, v, v])
+        }),
+        other => other.to_rgb8(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(img: &DynamicImage, fmt: ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, fmt).expect("encode test image");
+        out.into_inner()
+    }
+
+    #[test]
+    fn decodes_each_format() {
+        let img = DynamicImage::ImageRgb8(RgbImage::from_fn(17, 9, |x, y| image::Rgb([x as u8 * 10, y as u8 * 20, 7])));
+        for (fmt, kind) in [
+            (ImageFormat::Png, ImageKind::Png),
+            (ImageFormat::Bmp, ImageKind::Bmp),
+            (ImageFormat::Jpeg, ImageKind::Jpeg),
+            (ImageFormat::WebP, ImageKind::Webp),
+        ] {
+            let bytes = encode(&img, fmt);
+            let d = decode(&bytes, &ImageLimits::default()).expect("decodes");
+            assert_eq!(d.kind, kind);
+            assert_eq!(d.rgb.dimensions(), (17, 9));
+            if fmt != ImageFormat::Jpeg {
+                assert_eq!(d.rgb.as_raw(), img.to_rgb8().as_raw(), "{fmt:?} is lossless");
+            }
+        }
+    }
+
+    #[test]
+    fn sixteen_bit_keeps_high_byte_and_alpha_is_dropped() {
+        let img =
+            image::ImageBuffer::<image::Rgba<u16>, _>::from_fn(3, 2, |x, _| image::Rgba([0x12ff, 0xab01, (x as u16) << 8 | 0x80, 0x0000]));
+        let bytes = encode(&DynamicImage::ImageRgba16(img), ImageFormat::Png);
+        let d = decode(&bytes, &ImageLimits::default()).expect("decodes");
+        assert_eq!(d.rgb.get_pixel(2, 1).0, [0x12, 0xab, 2]);
+    }
+
+    #[test]
+    fn rejects_garbage_truncated_and_empty() {
+        let lim = ImageLimits::default();
+        assert!(matches!(decode(b"", &lim), Err(FaceError::InvalidImage(_))));
+        assert!(matches!(decode(b"hello, not an image", &lim), Err(FaceError::InvalidImage(_))));
+        let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(64, 64, image::Rgb([9, 9, 9])));
+        for fmt in [ImageFormat::Png, ImageFormat::Jpeg] {
+            let bytes = encode(&img, fmt);
+            let cut = &bytes[..bytes.len() / 2];
+            assert!(matches!(decode(cut, &lim), Err(FaceError::InvalidImage(_))), "{fmt:?} truncated");
+        }
+    }
+
+    /// A valid PNG header claiming 60000 x 60000 pixels, with no pixel data behind it.
+    fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+        let mut out = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(b"IHDR");
+        ihdr.extend_from_slice(&w.to_be_bytes());
+        ihdr.extend_from_slice(&h.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        out.extend_from_slice(&13u32.to_be_bytes());
+        out.extend_from_slice(&ihdr);
+        out.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+        out
+    }
+
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn refuses_huge_claims_before_allocating() {
+        let bytes = png_claiming(60_000, 60_000);
+        assert!(bytes.len() < 64);
+        match decode(&bytes, &ImageLimits::default()) {
+            Err(FaceError::ImageTooLarge { .. }) | Err(FaceError::InvalidImage(_)) => {}
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // Within the per-side limit but over the pixel budget.
+        let lim = ImageLimits { max_side: 60_000, max_pixels: 1_000_000 };
+        assert!(matches!(decode(&png_claiming(2000, 2000), &lim), Err(FaceError::ImageTooLarge { .. })));
+    }
+
+    #[test]
+    fn zero_sized_is_an_error() {
+        assert!(decode(&png_claiming(0, 10), &ImageLimits::default()).is_err());
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        // A 4x2 JPEG with EXIF orientation 6 (rotate 90 clockwise) must come out 2x4.
+        let img = DynamicImage::ImageRgb8(RgbImage::from_pixel(4, 2, image::Rgb([200, 10, 10])));
+        let jpeg = encode(&img, ImageFormat::Jpeg);
+        let with_exif = insert_exif_orientation(&jpeg, 6);
+        let d = decode(&with_exif, &ImageLimits::default()).expect("decodes");
+        assert_eq!(d.rgb.dimensions(), (2, 4));
+    }
+
+    /// Inserts an APP1 EXIF segment with one Orientation tag right after SOI.
+    fn insert_exif_orientation(jpeg: &[u8], orientation: u16) -> Vec<u8> {
+        let mut tiff = Vec::new();
+        tiff.extend_from_slice(b"MM\x00\x2a\x00\x00\x00\x08"); // big-endian, IFD at 8
+        tiff.extend_from_slice(&1u16.to_be_bytes()); // one entry
+        tiff.extend_from_slice(&0x0112u16.to_be_bytes()); // Orientation
+        tiff.extend_from_slice(&3u16.to_be_bytes()); // SHORT
+        tiff.extend_from_slice(&1u32.to_be_bytes()); // count
+        tiff.extend_from_slice(&orientation.to_be_bytes());
+        tiff.extend_from_slice(&[0, 0]);
+        tiff.extend_from_slice(&0u32.to_be_bytes()); // no next IFD
+        let mut app1 = b"Exif\x00\x00".to_vec();
+        app1.extend_from_slice(&tiff);
+        let mut out = jpeg[..2].to_vec();
+        out.extend_from_slice(&[0xff, 0xe1]);
+        out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&app1);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+}

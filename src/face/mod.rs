@@ -1,0 +1,297 @@
+//! Faces in, embeddings out: the insightface `FaceAnalysis.get` pipeline in Rust.
+//! decode ([`image`]) -> detect ([`detector`], SCRFD) -> align ([`align`]) -> embed
+//! ([`recognizer`], ArcFace). Knows nothing of HTTP or databases. A [`FaceAnalyzer`] owns
+//! one detector and one recognizer session and is used by one thread at a time.
+
+pub mod align;
+pub mod detector;
+pub mod image;
+pub mod pack;
+pub mod recognizer;
+pub mod resample;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ::image::RgbImage;
+use serde::Serialize;
+
+pub use detector::{DetectOptions, Detection};
+pub use pack::PackFiles;
+pub use recognizer::{InputNorm, cosine};
+
+use crate::runtime::{Runtime, RuntimeError};
+
+/// What can go wrong between image bytes and embeddings.
+#[derive(Debug, thiserror::Error)]
+pub enum FaceError {
+    /// The bytes are not an image we can read (unknown format, corrupt, truncated, empty).
+    #[error("invalid image: {0}")]
+    InvalidImage(String),
+    /// The image header declares more pixels than allowed; nothing was decoded.
+    #[error("image too large: {width}x{height} pixels (limits: {max_side} px per side, {max_pixels} px in all)")]
+    ImageTooLarge { width: u32, height: u32, max_side: u32, max_pixels: u64 },
+    /// A model could not run, or answered in an unexpected shape.
+    #[error("model error: {0}")]
+    Model(String),
+    /// The model pack folder is unusable.
+    #[error("model pack: {0}")]
+    Pack(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// Which path found a face (see [`AnalyzerOptions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FoundBy {
+    /// The detector, on the image as given.
+    Detector,
+    /// The detector, on a copy padded by half the image height on every side (tight crops).
+    Padded,
+    /// No detection: the input has the recognizer's input size and was taken as aligned.
+    Aligned,
+}
+
+/// One face: where it is, and its embedding.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Face {
+    /// x1, y1, x2, y2 in the input image's pixels (may reach outside it a little).
+    pub bbox: [f32; 4],
+    /// Five keypoints: left eye, right eye, nose, left and right mouth corners.
+    pub kps: [[f32; 2]; 5],
+    /// Detector confidence (1.0 for an input taken as aligned).
+    pub det_score: f32,
+    /// L2-normalised embedding.
+    pub embedding: Vec<f32>,
+    pub found_by: FoundBy,
+}
+
+impl Face {
+    pub fn area(&self) -> f32 {
+        (self.bbox[2] - self.bbox[0]).max(0.0) * (self.bbox[3] - self.bbox[1]).max(0.0)
+    }
+}
+
+/// Index of the most prominent face: the largest box, then the higher score.
+pub fn most_prominent(faces: &[Face]) -> Option<usize> {
+    (0..faces.len()).max_by(|&a, &b| {
+        faces[a].area().total_cmp(&faces[b].area()).then(faces[a].det_score.total_cmp(&faces[b].det_score)).then(b.cmp(&a))
+    })
+}
+
+/// How the analyzer looks for faces.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AnalyzerOptions {
+    pub detect: DetectOptions,
+    /// When the detector finds nothing, retry once on a copy padded by half the image
+    /// height on every side (SCRFD misses faces cut tightly by upstream trackers).
+    pub pad_retry: bool,
+    /// Take an input of exactly the recognizer's size (112x112) as an aligned face.
+    pub aligned_input: bool,
+}
+
+impl Default for AnalyzerOptions {
+    fn default() -> Self {
+        Self { detect: DetectOptions::default(), pad_retry: true, aligned_input: true }
+    }
+}
+
+impl AnalyzerOptions {
+    /// Exactly insightface's `FaceAnalysis.get`: no fallbacks.
+    pub fn parity(det_size: u32) -> Self {
+        Self {
+            detect: DetectOptions { det_size: (det_size, det_size), ..DetectOptions::default() },
+            pad_retry: false,
+            aligned_input: false,
+        }
+    }
+}
+
+/// Time spent per stage, accumulated over calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimes {
+    pub decode: Duration,
+    pub detect: Duration,
+    pub align: Duration,
+    pub embed: Duration,
+    /// Part of `detect` spent inside ONNX Runtime.
+    pub detect_model: Duration,
+    /// Part of `embed` spent inside ONNX Runtime.
+    pub embed_model: Duration,
+}
+
+impl StageTimes {
+    pub fn add(&mut self, other: &StageTimes) {
+        self.decode += other.decode;
+        self.detect += other.detect;
+        self.align += other.align;
+        self.embed += other.embed;
+        self.detect_model += other.detect_model;
+        self.embed_model += other.embed_model;
+    }
+
+    /// Time outside the models and outside decoding: letterbox, anchor decoding, NMS,
+    /// alignment and blob building.
+    pub fn pre_post(&self) -> Duration {
+        (self.detect + self.align + self.embed).saturating_sub(self.detect_model + self.embed_model)
+    }
+}
+
+/// Detections and the path that found them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Located {
+    pub detections: Vec<Detection>,
+    pub found_by: FoundBy,
+}
+
+/// A detector and a recognizer, ready to analyse images. Not shared between threads:
+/// each inference worker owns one.
+pub struct FaceAnalyzer {
+    detector: detector::Detector,
+    recognizer: recognizer::Recognizer,
+    files: PackFiles,
+    opts: AnalyzerOptions,
+}
+
+impl FaceAnalyzer {
+    /// Loads the pack in `pack_dir` on `runtime`.
+    pub fn load(runtime: &Runtime, pack_dir: &Path, opts: AnalyzerOptions) -> Result<FaceAnalyzer, FaceError> {
+        let files = pack::resolve(pack_dir)?;
+        Self::from_files(runtime, files, opts)
+    }
+
+    /// Loads already-resolved pack files (one resolve, many workers).
+    pub fn from_files(runtime: &Runtime, files: PackFiles, opts: AnalyzerOptions) -> Result<FaceAnalyzer, FaceError> {
+        let detector = detector::Detector::new(runtime.load_session(&files.detector)?)?;
+        let recognizer = recognizer::Recognizer::new(runtime.load_session(&files.recognizer)?, files.recognizer_norm)?;
+        Ok(FaceAnalyzer { detector, recognizer, files, opts })
+    }
+
+    pub fn files(&self) -> &PackFiles {
+        &self.files
+    }
+
+    /// The recognizer's id, stored with every embedding it makes.
+    pub fn model_id(&self) -> &str {
+        &self.files.recognizer_id
+    }
+
+    pub fn embedding_dim(&self) -> usize {
+        self.recognizer.dim()
+    }
+
+    pub fn options(&self) -> &AnalyzerOptions {
+        &self.opts
+    }
+
+    pub fn set_options(&mut self, opts: AnalyzerOptions) {
+        self.opts = opts;
+    }
+
+    /// Finds faces, with the fallbacks the options allow.
+    pub fn locate(&mut self, img: &RgbImage, times: &mut StageTimes) -> Result<Located, FaceError> {
+        let size = self.recognizer.input_size();
+        if self.opts.aligned_input && img.dimensions() == (size, size) {
+            return Ok(Located { detections: Vec::new(), found_by: FoundBy::Aligned });
+        }
+        let detections = self.detector.detect(img, &self.opts.detect, &mut times.detect_model)?;
+        if !detections.is_empty() || !self.opts.pad_retry {
+            return Ok(Located { detections, found_by: FoundBy::Detector });
+        }
+        let pad = (img.height() / 2).max(1);
+        let padded = pad_image(img, pad);
+        let detections = self
+            .detector
+            .detect(&padded, &self.opts.detect, &mut times.detect_model)?
+            .into_iter()
+            .map(|d| d.shifted(pad as f32, pad as f32))
+            .collect();
+        Ok(Located { detections, found_by: FoundBy::Padded })
+    }
+
+    /// Every face in `img` with its embedding, highest detector score first.
+    pub fn analyze(&mut self, img: &RgbImage, times: &mut StageTimes) -> Result<Vec<Face>, FaceError> {
+        let t = Instant::now();
+        let located = self.locate(img, times)?;
+        times.detect += t.elapsed();
+        let size = self.recognizer.input_size();
+        if located.found_by == FoundBy::Aligned {
+            let t = Instant::now();
+            let mut emb = self.recognizer.embed(std::slice::from_ref(img), &mut times.embed_model)?;
+            times.embed += t.elapsed();
+            let (w, h) = (img.width() as f32, img.height() as f32);
+            let embedding = emb.pop().ok_or_else(|| FaceError::Model("recognizer returned nothing".into()))?;
+            return Ok(vec![Face {
+                bbox: [0.0, 0.0, w, h],
+                kps: align::ARCFACE_TEMPLATE,
+                det_score: 1.0,
+                embedding,
+                found_by: FoundBy::Aligned,
+            }]);
+        }
+        if located.detections.is_empty() {
+            return Ok(Vec::new());
+        }
+        let t = Instant::now();
+        let crops: Vec<RgbImage> = located.detections.iter().map(|d| align::norm_crop(img, &d.kps, size)).collect();
+        times.align += t.elapsed();
+        let t = Instant::now();
+        let embeddings = self.recognizer.embed(&crops, &mut times.embed_model)?;
+        times.embed += t.elapsed();
+        Ok(located
+            .detections
+            .into_iter()
+            .zip(embeddings)
+            .map(|(d, embedding)| Face { bbox: d.bbox, kps: d.kps, det_score: d.score, embedding, found_by: located.found_by })
+            .collect())
+    }
+
+    /// Embeddings of crops that are already aligned to the recognizer's input size.
+    pub fn embed_aligned(&mut self, crops: &[RgbImage], times: &mut StageTimes) -> Result<Vec<Vec<f32>>, FaceError> {
+        let t = Instant::now();
+        let out = self.recognizer.embed(crops, &mut times.embed_model);
+        times.embed += t.elapsed();
+        out
+    }
+}
+
+/// `img` centred on a black canvas with `pad` pixels on every side.
+pub fn pad_image(img: &RgbImage, pad: u32) -> RgbImage {
+    let mut out = RgbImage::new(img.width() + 2 * pad, img.height() + 2 * pad);
+    let (w, ow) = (img.width() as usize * 3, out.width() as usize * 3);
+    let src = img.as_raw();
+    let dst: &mut [u8] = &mut out;
+    for y in 0..img.height() as usize {
+        let o = (y + pad as usize) * ow + pad as usize * 3;
+        dst[o..o + w].copy_from_slice(&src[y * w..(y + 1) * w]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn face(bbox: [f32; 4], det_score: f32) -> Face {
+        Face { bbox, kps: [[0.0; 2]; 5], det_score, embedding: Vec::new(), found_by: FoundBy::Detector }
+    }
+
+    #[test]
+    fn most_prominent_is_the_largest_then_the_surest() {
+        assert_eq!(most_prominent(&[]), None);
+        let faces = [face([0.0, 0.0, 10.0, 10.0], 0.9), face([0.0, 0.0, 20.0, 20.0], 0.6), face([5.0, 5.0, 25.0, 25.0], 0.7)];
+        assert_eq!(most_prominent(&faces), Some(2));
+    }
+
+    #[test]
+    fn pad_centres_the_image() {
+        let img = RgbImage::from_pixel(3, 2, ::image::Rgb([9, 8, 7]));
+        let p = pad_image(&img, 1);
+        assert_eq!(p.dimensions(), (5, 4));
+        assert_eq!(p.get_pixel(0, 0).0, [0, 0, 0]);
+        assert_eq!(p.get_pixel(1, 1).0, [9, 8, 7]);
+        assert_eq!(p.get_pixel(3, 2).0, [9, 8, 7]);
+        assert_eq!(p.get_pixel(4, 3).0, [0, 0, 0]);
+    }
+}
