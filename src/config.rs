@@ -68,7 +68,7 @@ pub fn available_cores() -> usize {
 /// Checks a detector input size: a multiple of 32 between 128 and 2048.
 pub fn parse_det_size(s: &str) -> Result<u32, String> {
     let v: u32 = s.trim().parse().map_err(|_| format!("'{s}' is not a whole number"))?;
-    if !(128..=2048).contains(&v) || v % 32 != 0 {
+    if !(128..=2048).contains(&v) || !v.is_multiple_of(32) {
         return Err(format!("{v} must be a multiple of 32 between 128 and 2048 (320 and 640 are usual)"));
     }
     Ok(v)

@@ -347,7 +347,7 @@ fn identities(labels: &Labels, results: &HashMap<String, ImageResult>, s: &mut E
     s.identity_photos_with_face_ratio = ratio(samples.len(), s.identity_photos);
     let mut scored: Vec<(f32, bool)> = Vec::new();
     let (mut genuine_min, mut impostor_max) = (f32::INFINITY, f32::NEG_INFINITY);
-    let mut rank1_hits = 0;
+    let (mut rank1_hits, mut rank1_queries) = (0, 0);
     for (i, (id_i, e_i)) in samples.iter().enumerate() {
         let mut best: Option<(f32, &str)> = None;
         for (j, (id_j, e_j)) in samples.iter().enumerate() {
@@ -368,13 +368,17 @@ fn identities(labels: &Labels, results: &HashMap<String, ImageResult>, s: &mut E
                 }
             }
         }
-        if best.is_some_and(|(_, id)| id == *id_i) {
-            rank1_hits += 1;
+        // Rank-1 is asked only of photos whose identity has another photo with a face.
+        if samples.iter().enumerate().any(|(j, (id_j, _))| j != i && id_j == id_i) {
+            rank1_queries += 1;
+            if best.is_some_and(|(_, id)| id == *id_i) {
+                rank1_hits += 1;
+            }
         }
     }
     s.genuine_min = f64::from(genuine_min);
     s.impostor_max = f64::from(impostor_max);
-    s.rank1 = ratio(rank1_hits, samples.len());
+    s.rank1 = ratio(rank1_hits, rank1_queries);
     let (acc, thr) = best_threshold(&mut scored);
     s.pair_accuracy = acc;
     s.best_threshold = thr;

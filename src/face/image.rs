@@ -304,9 +304,12 @@ mod tests {
             Err(FaceError::ImageTooLarge { .. }) | Err(FaceError::InvalidImage(_)) => {}
             other => panic!("expected a refusal, got {other:?}"),
         }
-        // Within the per-side limit but over the pixel budget.
+        // A real image within the per-side limit but over the pixel budget.
         let lim = ImageLimits { max_side: 60_000, max_pixels: 1_000_000 };
-        assert!(matches!(decode(&png_claiming(2000, 2000), &lim), Err(FaceError::ImageTooLarge { .. })));
+        let big = encode(&DynamicImage::ImageRgb8(RgbImage::new(2000, 1000)), ImageFormat::Png);
+        assert!(matches!(decode(&big, &lim), Err(FaceError::ImageTooLarge { width: 2000, height: 1000, .. })));
+        let jpeg = encode(&DynamicImage::ImageRgb8(RgbImage::new(1200, 1000)), ImageFormat::Jpeg);
+        assert!(matches!(decode(&jpeg, &lim), Err(FaceError::ImageTooLarge { .. })));
     }
 
     #[test]

@@ -85,7 +85,8 @@ pub fn most_prominent(faces: &[Face]) -> Option<usize> {
 pub struct AnalyzerOptions {
     pub detect: DetectOptions,
     /// When the detector finds nothing, retry once on a copy padded by half the image
-    /// height on every side (SCRFD misses faces cut tightly by upstream trackers).
+    /// height on every side, more for detector inputs above 320 (see [`retry_padding`]):
+    /// SCRFD misses faces cut tightly by upstream trackers.
     pub pad_retry: bool,
     /// Take an input of exactly the recognizer's size (112x112) as an aligned face.
     pub aligned_input: bool,
@@ -199,7 +200,7 @@ impl FaceAnalyzer {
         if !detections.is_empty() || !self.opts.pad_retry {
             return Ok(Located { detections, found_by: FoundBy::Detector });
         }
-        let pad = (img.height() / 2).max(1);
+        let pad = retry_padding(img.height(), self.detector.input_size(self.opts.detect.det_size));
         let padded = pad_image(img, pad);
         let detections = self
             .detector
@@ -256,6 +257,17 @@ impl FaceAnalyzer {
     }
 }
 
+/// Padding for the tight-crop retry: half the image height on every side at a 320 detector
+/// input, so the face fills half the padded side (about 160 px of the input, where SCRFD
+/// is at ease); larger inputs get proportionally more, so the face reaches the detector at
+/// that same size (measured: with only half the height at det 640, most tight crops stay
+/// unfound).
+pub fn retry_padding(height: u32, det_size: (u32, u32)) -> u32 {
+    let side = f64::from(det_size.0.max(det_size.1));
+    let factor = ((side / 160.0 - 1.0) / 2.0).max(0.5);
+    ((f64::from(height) * factor).round() as u32).max(1)
+}
+
 /// `img` centred on a black canvas with `pad` pixels on every side.
 pub fn pad_image(img: &RgbImage, pad: u32) -> RgbImage {
     let mut out = RgbImage::new(img.width() + 2 * pad, img.height() + 2 * pad);
@@ -282,6 +294,14 @@ mod tests {
         assert_eq!(most_prominent(&[]), None);
         let faces = [face([0.0, 0.0, 10.0, 10.0], 0.9), face([0.0, 0.0, 20.0, 20.0], 0.6), face([5.0, 5.0, 25.0, 25.0], 0.7)];
         assert_eq!(most_prominent(&faces), Some(2));
+    }
+
+    #[test]
+    fn retry_padding_is_half_the_height_at_320_and_grows_with_the_input() {
+        assert_eq!(retry_padding(192, (320, 320)), 96);
+        assert_eq!(retry_padding(192, (640, 640)), 288);
+        assert_eq!(retry_padding(192, (160, 160)), 96);
+        assert_eq!(retry_padding(1, (320, 320)), 1);
     }
 
     #[test]

@@ -48,9 +48,10 @@ impl GraphSummary {
         let s = &self.input_shape;
         if self.outputs >= 5 {
             Role::Detector
-        } else if s.len() == 4 && matches!((s[2], s[3]), (Some(192), Some(192)) | (Some(96), Some(96))) {
-            Role::Other
-        } else if self.inputs == 2 && s.len() == 4 && s[2] == Some(128) && s[3] == Some(128) {
+        } else if s.len() == 4 && matches!((s[2], s[3]), (Some(192), Some(192)) | (Some(96), Some(96)))
+            || (self.inputs == 2 && s.len() == 4 && s[2] == Some(128) && s[3] == Some(128))
+        {
+            // Landmark (192), attribute (96) and swapper (two inputs, 128) models.
             Role::Other
         } else if s.len() == 4 && s[2].is_some() && s[2] == s[3] && s[2].is_some_and(|v| v >= 112 && v % 16 == 0) {
             Role::Recognizer

@@ -303,15 +303,18 @@ fn invert_affine(m: &[[f64; 3]; 2]) -> Option<[f64; 6]> {
 
 /// Single-rounding `a * b + c` in f32 (what `v_fma` is on FMA hardware).
 ///
-/// The product of two f32 values is exact in f64, so when the f64 sum is also exact, one
-/// rounding to f32 is the correctly rounded fused result. Otherwise fall back to `mul_add`
-/// (a libm call when the target has no FMA instruction enabled).
+/// With the `fma` target feature enabled at compile time this is one instruction. Otherwise: the
+/// product of two f32 values is exact in f64, so when the f64 sum is also exact (checked with
+/// TwoSum; almost always the case here), one rounding to f32 is the correctly rounded fused
+/// result; the rare remaining cases use `mul_add`, a libm call on such targets.
 #[inline]
 fn fma(a: f32, b: f32, c: f32) -> f32 {
+    if cfg!(target_feature = "fma") {
+        return a.mul_add(b, c);
+    }
     let p = f64::from(a) * f64::from(b);
     let cd = f64::from(c);
     let s = p + cd;
-    // TwoSum: the exact rounding error of `p + cd`.
     let bb = s - p;
     let err = (p - (s - bb)) + (cd - bb);
     if err == 0.0 { s as f32 } else { a.mul_add(b, c) }

