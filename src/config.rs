@@ -93,3 +93,80 @@ mod tests {
         assert!(parse_det_size("big").is_err());
     }
 }
+
+/// The HTTP service (`facerec serve`).
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: String,
+
+    #[arg(long, env = "PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// MongoDB connection string; unset: the embedded SQLite store at DATABASE_PATH.
+    #[arg(long, env = "MONGO_URI", hide_env_values = true)]
+    pub mongo_uri: Option<String>,
+
+    /// The embedded store's file.
+    #[arg(long, env = "DATABASE_PATH", default_value = "data/facerec.db")]
+    pub database_path: PathBuf,
+
+    /// Cosine similarity at or above which /recognize names a user.
+    #[arg(long, env = "SIM_THRESHOLD", default_value_t = 0.3, value_parser = parse_unit_interval)]
+    pub sim_threshold: f32,
+
+    /// Detector input size (square; a multiple of 32).
+    #[arg(long, env = "DET_SIZE", default_value_t = 320, value_parser = parse_det_size)]
+    pub det_size: u32,
+
+    /// NDJSON audit log of every recognition.
+    #[arg(long, env = "LOG_FILE", default_value = "logs.txt")]
+    pub log_file: PathBuf,
+
+    /// Folder for the crops received by /recognize.
+    #[arg(long, env = "PHOTO_DIR", default_value = "photo")]
+    pub photo_dir: PathBuf,
+
+    /// Inference worker threads (each holds its own model sessions).
+    #[arg(long, env = "WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: u16,
+
+    /// Images waiting for inference at most; beyond it requests get 429.
+    #[arg(long, env = "QUEUE_SIZE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub queue_size: u32,
+
+    /// Largest request body in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    #[command(flatten)]
+    pub models: ModelConfig,
+}
+
+impl ServeConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        self.models.validate()?;
+        if self.host.parse::<std::net::IpAddr>().is_err() && self.host != "localhost" {
+            return Err(format!("HOST '{}' is not an IP address", self.host));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(format!("MAX_BODY_BYTES {} is too small (at least 1024)", self.max_body_bytes));
+        }
+        if let Some(uri) = &self.mongo_uri
+            && !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://"))
+        {
+            return Err("MONGO_URI must start with mongodb:// or mongodb+srv://".into());
+        }
+        Ok(())
+    }
+}
+
+/// A number in [0, 1].
+pub fn parse_unit_interval(s: &str) -> Result<f32, String> {
+    let v: f32 = s.trim().parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(format!("{v} must be between 0 and 1"));
+    }
+    Ok(v)
+}

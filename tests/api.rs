@@ -1,0 +1,381 @@
+//! The HTTP contract through the router (`app().oneshot(...)`, no socket), with the real
+//! models, a real SQLite file and the real audit writer.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use base64::Engine as _;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use common::{fixture, golden, pack_dir, runtime, temp_dir};
+use facerec::api::{AppState, app};
+use facerec::audit::{AuditConfig, AuditHandle};
+use facerec::config::analyzer_options;
+use facerec::engine::{Engine, EngineConfig};
+use facerec::face::image::ImageLimits;
+use facerec::gallery::Gallery;
+use facerec::store::FaceStore;
+use facerec::store::sqlite::SqliteStore;
+
+struct Harness {
+    state: Arc<AppState>,
+    dir: PathBuf,
+}
+
+impl Harness {
+    async fn new() -> Harness {
+        let dir = temp_dir("api");
+        let files = facerec::face::pack::resolve(&pack_dir()).expect("pack");
+        let cfg = EngineConfig { workers: 1, queue: 64, analyzer: analyzer_options(320), limits: ImageLimits::default() };
+        let engine = Engine::start(runtime(), files, cfg).expect("engine");
+        let store = SqliteStore::open(&dir.join("data/facerec.db")).expect("store");
+        let audit = AuditHandle::start(AuditConfig { log_file: dir.join("logs.txt"), photo_dir: dir.join("photo"), queue: 64 })
+            .await
+            .expect("audit");
+        let state = Arc::new(AppState {
+            gallery: Arc::new(Gallery::new(engine.info().embedding_dim)),
+            engine,
+            store_kind: store.kind(),
+            store: Arc::new(store),
+            audit,
+            metadata: std::sync::RwLock::new(json!({})),
+            sim_threshold: 0.3,
+            model_pack: "buffalo_sc".into(),
+            skipped_other_model: 0,
+            skipped_malformed: 0,
+            writes: tokio::sync::Mutex::new(()),
+        });
+        Harness { state, dir }
+    }
+
+    async fn call(&self, req: Request<Body>) -> (StatusCode, Vec<u8>) {
+        let resp = app(Arc::clone(&self.state), 20 << 20).oneshot(req).await.expect("infallible");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.expect("body");
+        (status, bytes.to_vec())
+    }
+
+    async fn json(&self, req: Request<Body>) -> (StatusCode, Value) {
+        let (s, b) = self.call(req).await;
+        (s, serde_json::from_slice(&b).unwrap_or_else(|_| panic!("JSON body, got {}", String::from_utf8_lossy(&b))))
+    }
+
+    async fn create(&self, name: &str) -> StatusCode {
+        self.json(post_json("/users", &json!({"username": name}))).await.0
+    }
+
+    async fn enrol(&self, name: &str, files: &[(&str, Vec<u8>)]) -> (StatusCode, Value) {
+        self.json(multipart("/calculate_average_embedding", name, files)).await
+    }
+
+    fn log_lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("logs.txt"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every log line is JSON"))
+            .collect()
+    }
+
+    fn photos(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.dir.join("photo"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+fn post_json(uri: &str, body: &Value) -> Request<Body> {
+    Request::post(uri).header(header::CONTENT_TYPE, "application/json").body(Body::from(body.to_string())).expect("request")
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).expect("request")
+}
+
+fn multipart(uri: &str, username: &str, files: &[(&str, Vec<u8>)]) -> Request<Body> {
+    let boundary = "facerecBoundary7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"username\"\r\n\r\n{username}\r\n").as_bytes());
+    for (name, bytes) in files {
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes());
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    Request::post(uri)
+        .header(header::CONTENT_TYPE, format!("multipart/form-data; boundary={boundary}"))
+        .body(Body::from(body))
+        .expect("request")
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The face of `name` cut out around its golden box (plus a margin), as a camera sends it.
+fn face_crop(name: &str, margin: f32) -> Vec<u8> {
+    let g = golden(320);
+    let b = g.images[name].faces[0].bbox;
+    let img = image::load_from_memory(&fixture(name)).expect("fixture").to_rgb8();
+    let (w, h) = (b[2] - b[0], b[3] - b[1]);
+    let x1 = (b[0] - w * margin).max(0.0) as u32;
+    let y1 = (b[1] - h * margin).max(0.0) as u32;
+    let x2 = ((b[2] + w * margin) as u32).min(img.width());
+    let y2 = ((b[3] + h * margin) as u32).min(img.height());
+    let crop = image::imageops::crop_imm(&img, x1, y1, x2 - x1, y2 - y1).to_image();
+    let mut out = std::io::Cursor::new(Vec::new());
+    crop.write_to(&mut out, image::ImageFormat::Jpeg).expect("encode");
+    out.into_inner()
+}
+
+fn grey_png() -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(200, 200, image::Rgb([128, 128, 128]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).expect("encode");
+    out.into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_original_client_flow_works_unchanged() {
+    let h = Harness::new().await;
+    assert_eq!(h.create("alice").await, StatusCode::CREATED);
+    let (s, enrolled) = h
+        .enrol("alice", &[("img5.jpg", fixture("img5.jpg")), ("img6.jpg", fixture("img6.jpg")), ("img10.jpg", fixture("img10.jpg"))])
+        .await;
+    assert_eq!(s, StatusCode::OK, "{enrolled}");
+    assert_eq!(enrolled["status"], "success");
+    assert_eq!(enrolled["username"], "alice");
+    assert_eq!(enrolled["images"], 3);
+    let emb: Vec<f64> = serde_json::from_value(enrolled["embedding"].clone()).expect("numbers");
+    assert_eq!(emb.len(), 512);
+    assert!((emb.iter().map(|v| v * v).sum::<f64>().sqrt() - 1.0).abs() < 1e-3);
+
+    let alice_crop = b64(&face_crop("img11.jpg", 0.2));
+    let stranger = b64(&fixture("img16.jpg"));
+    let request = json!({
+        "camera": "gate-2",
+        "frame": 1234,
+        "bboxes": [
+            {"bbox": [10, 20, 110, 140], "crop": alice_crop, "track_id": 7},
+            {"bbox": [1, 2, 3, 4], "crop": stranger},
+        ]
+    });
+    let (s, answer) = h.json(post_json("/recognize", &request)).await;
+    assert_eq!(s, StatusCode::OK, "{answer}");
+    assert_eq!(answer["status"], "recognized");
+    let meta = &answer["meta"];
+    assert_eq!(meta["camera"], "gate-2");
+    assert_eq!(meta["frame"], 1234);
+    let e0 = &meta["bboxes"][0];
+    assert_eq!(e0["name"], "alice");
+    assert!(e0["similarity"].as_f64().is_some_and(|v| v > 0.5), "{}", e0["similarity"]);
+    assert_eq!(e0["track_id"], 7);
+    assert_eq!(e0["bbox"], json!([10, 20, 110, 140]));
+    assert_eq!(e0["crop"], request["bboxes"][0]["crop"]);
+    let e1 = &meta["bboxes"][1];
+    assert_eq!(e1["name"], "Unknown 1");
+    assert!(e1["similarity"].as_f64().is_some_and(|v| (0.0..0.3).contains(&v)));
+    assert!(e0.get("error").is_none() && e1.get("error").is_none());
+
+    // One NDJSON line equal to meta, one crop file per entry, /metadata equal to meta.
+    assert_eq!(h.log_lines(), vec![meta.clone()]);
+    let photos = h.photos();
+    assert_eq!(photos.len(), 2, "{photos:?}");
+    assert!(photos.iter().any(|p| p.starts_with("photo_alice_") && p.ends_with(".jpg")));
+    assert!(photos.iter().any(|p| p.starts_with("photo_Unknown_1_") && p.ends_with(".jpg")));
+    let (s, m) = h.json(get("/metadata")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(&m, meta);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metadata_is_empty_before_the_first_recognition() {
+    let h = Harness::new().await;
+    assert_eq!(h.json(get("/metadata")).await, (StatusCode::OK, json!({})));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn legacy_error_bodies_are_byte_for_byte() {
+    let h = Harness::new().await;
+    let (s, body) = h.call(multipart("/calculate_average_embedding", "bob", &[("a.jpg", fixture("img5.jpg"))])).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(String::from_utf8_lossy(&body), r#"{"status":"error","message":"User 'bob' not found."}"#);
+
+    assert_eq!(h.create("bob").await, StatusCode::CREATED);
+    let (s, body) = h.call(multipart("/calculate_average_embedding", "bob", &[("grey.png", grey_png()), ("grey2.png", grey_png())])).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(String::from_utf8_lossy(&body), r#"{"status":"error","message":"No faces detected in any image."}"#);
+    // Nothing changed.
+    let (_, users) = h.json(get("/users")).await;
+    assert_eq!(users["users"][0]["samples"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_crop_does_not_fail_the_others() {
+    let h = Harness::new().await;
+    let request = json!({"bboxes": [
+        {"bbox": [0, 0, 1, 1], "crop": "!!not base64!!"},
+        {"bbox": [0, 0, 1, 1], "crop": b64(b"plain text, not an image")},
+        {"bbox": [0, 0, 1, 1], "crop": b64(&fixture("img12.jpg"))},
+        {"bbox": [0, 0, 1, 1]},
+    ]});
+    let (s, answer) = h.json(post_json("/recognize", &request)).await;
+    assert_eq!(s, StatusCode::OK, "{answer}");
+    let e = &answer["meta"]["bboxes"];
+    assert_eq!(e[0]["error"]["code"], "invalid_base64");
+    assert_eq!(e[1]["error"]["code"], "invalid_image");
+    assert!(e[2].get("error").is_none());
+    assert_eq!(e[3]["error"]["code"], "invalid_request");
+    let names: Vec<&str> = (0..4).map(|i| e[i]["name"].as_str().unwrap_or("")).collect();
+    assert_eq!(names, ["Unknown 1", "Unknown 2", "Unknown 3", "Unknown 4"]);
+    assert_eq!(e[2]["similarity"], 0.0, "no users enrolled");
+    // Only the real image is kept as a crop.
+    assert_eq!(h.photos().len(), 1);
+    assert_eq!(h.log_lines().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_bodies_get_clear_json_errors_and_change_nothing() {
+    let h = Harness::new().await;
+    for (body, code) in [
+        ("{not json", "invalid_json"),
+        ("[1, 2]", "invalid_request"),
+        (r#"{"bboxes": "nope"}"#, "invalid_request"),
+        (r#"{"bboxes": [1, 2]}"#, "invalid_request"),
+        (r#"{"other": 1}"#, "invalid_request"),
+    ] {
+        let req = Request::post("/recognize").header(header::CONTENT_TYPE, "application/json").body(Body::from(body)).expect("request");
+        let (s, v) = h.json(req).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(v["status"], "error");
+        assert_eq!(v["code"], code, "{body}: {v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    assert!(h.log_lines().is_empty(), "a refused request is not logged");
+    assert_eq!(h.json(get("/metadata")).await.1, json!({}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_are_created_listed_and_deleted() {
+    let h = Harness::new().await;
+    assert_eq!(h.create("carol").await, StatusCode::CREATED);
+    let (s, v) = h.json(post_json("/users", &json!({"username": "carol"}))).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::CONFLICT, json!("user_exists")));
+    for bad in [json!({"username": ""}), json!({"username": "a\u{0007}b"}), json!({"username": " padded "}), json!({"name": "x"})] {
+        let (s, v) = h.json(post_json("/users", &bad)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
+    }
+    let (_, e) = h.enrol("carol", &[("img16.jpg", fixture("img16.jpg")), ("img17.jpg", fixture("img17.jpg"))]).await;
+    assert_eq!(e["images"], 2);
+    let (s, list) = h.json(get("/users")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list["count"], 1);
+    assert_eq!(list["users"][0]["username"], "carol");
+    assert_eq!(list["users"][0]["samples"], 2);
+    assert!(list["users"][0].get("embedding").is_none() && list["users"][0].get("embeddings").is_none(), "no vectors");
+    assert_eq!(h.state.gallery.len(), 1);
+
+    let req = Request::delete("/users/carol").body(Body::empty()).expect("request");
+    assert_eq!(h.json(req).await.0, StatusCode::OK);
+    assert_eq!(h.state.gallery.len(), 0, "gone from memory");
+    assert_eq!(h.json(get("/users")).await.1["count"], 0, "gone from the store");
+    let req = Request::delete("/users/carol").body(Body::empty()).expect("request");
+    let (s, v) = h.json(req).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::NOT_FOUND, json!("user_not_found")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrolment_is_a_weighted_mean_and_recognition_follows_it() {
+    let h = Harness::new().await;
+    assert_eq!(h.create("dave").await, StatusCode::CREATED);
+    let (_, one) = h.enrol("dave", &[("img5.jpg", fixture("img5.jpg"))]).await;
+    let (_, two) = h.enrol("dave", &[("img6.jpg", fixture("img6.jpg")), ("img10.jpg", fixture("img10.jpg"))]).await;
+    let (_, all) = {
+        assert_eq!(h.create("erin").await, StatusCode::CREATED);
+        h.enrol("erin", &[("img5.jpg", fixture("img5.jpg")), ("img6.jpg", fixture("img6.jpg")), ("img10.jpg", fixture("img10.jpg"))]).await
+    };
+    let v = |x: &Value| -> Vec<f64> { serde_json::from_value(x["embedding"].clone()).expect("numbers") };
+    // One image then two equals three at once.
+    let cos: f64 = v(&two).iter().zip(v(&all)).map(|(a, b)| a * b).sum();
+    assert!(cos > 0.99999, "{cos}");
+    assert!(v(&one) != v(&two));
+    let (_, list) = h.json(get("/users")).await;
+    assert_eq!(list["users"][0]["samples"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrolment_rejects_non_images_and_missing_fields() {
+    let h = Harness::new().await;
+    assert_eq!(h.create("fay").await, StatusCode::CREATED);
+    let (s, v) = h.enrol("fay", &[("notes.txt", b"hello".to_vec())]).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_image")));
+    assert!(v["message"].as_str().is_some_and(|m| m.contains("notes.txt")));
+    let (s, v) = h.enrol("fay", &[]).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_request")));
+    let req = Request::post("/calculate_average_embedding")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{}"))
+        .expect("request");
+    let (s, v) = h.json(req).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_request")));
+    assert_eq!(h.json(get("/users")).await.1["users"][0]["samples"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn landing_health_docs_and_unknown_routes() {
+    let h = Harness::new().await;
+    let (s, body) = h.call(get("/")).await;
+    let html = String::from_utf8_lossy(&body);
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        html.contains("<title>Face Recognition API</title>")
+            && html.contains("/recognize")
+            && html.contains("/docs")
+            && html.contains("/redoc")
+    );
+
+    let (s, health) = h.json(get("/health")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["execution_provider"], "cpu");
+    assert_eq!(health["model_pack"], "buffalo_sc");
+    assert_eq!(health["store"], "sqlite");
+    assert_eq!(health["users"], 0);
+    assert!(health["model_id"].as_str().is_some_and(|m| m.starts_with("w600k_mbf@")));
+
+    let (s, doc) = h.json(get("/openapi.json")).await;
+    assert_eq!(s, StatusCode::OK);
+    for path in ["/recognize", "/metadata", "/calculate_average_embedding", "/users", "/users/{username}", "/health"] {
+        assert!(doc["paths"].get(path).is_some(), "OpenAPI documents {path}");
+    }
+    let enrol = &doc["paths"]["/calculate_average_embedding"]["post"]["responses"];
+    for status in ["200", "404", "422", "429", "503"] {
+        assert!(enrol.get(status).is_some(), "enrolment documents {status}");
+    }
+    let (s, body) = h.call(get("/docs/")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&body).contains("swagger"));
+    let (s, body) = h.call(get("/redoc")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&body).to_lowercase().contains("redoc"));
+
+    let (s, v) = h.json(get("/no/such/route")).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::NOT_FOUND, json!("not_found")));
+    let (s, v) = h.json(get("/recognize")).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::METHOD_NOT_ALLOWED, json!("method_not_allowed")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_body_is_413_json() {
+    let h = Harness::new().await;
+    let big = "x".repeat(21 << 20);
+    let req = Request::post("/recognize").header(header::CONTENT_TYPE, "application/json").body(Body::from(big)).expect("request");
+    let (s, v) = h.json(req).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::PAYLOAD_TOO_LARGE, json!("payload_too_large")));
+}
