@@ -2,11 +2,13 @@
 //! One struct per concern, validated once; a bad value stops the start with one clear line.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 
 use crate::face::{AnalyzerOptions, DetectOptions};
 use crate::runtime::{ProviderChoice, RuntimeOptions};
+use crate::store::mongo::{FollowMode, MongoOptions};
 
 /// Where the models and ONNX Runtime come from, and how they run.
 #[derive(Debug, Clone, Args)]
@@ -92,6 +94,18 @@ mod tests {
         assert!(parse_det_size("4096").is_err());
         assert!(parse_det_size("big").is_err());
     }
+
+    #[test]
+    fn durations_take_seconds_or_a_unit() {
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration(" 500ms "), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["0", "-1s", "soon", "2h", "", "NaN"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }
 
 /// The HTTP service (`facerec serve`).
@@ -107,6 +121,24 @@ pub struct ServeConfig {
     /// MongoDB connection string; unset: the embedded SQLite store at DATABASE_PATH.
     #[arg(long, env = "MONGO_URI", hide_env_values = true)]
     pub mongo_uri: Option<String>,
+
+    /// How long MongoDB may take to answer at start before the process gives up (e.g. 10s, 500ms).
+    #[arg(long, env = "MONGO_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub mongo_connect_timeout: Duration,
+
+    /// After start: how long one MongoDB operation may wait for a reachable server before the
+    /// request fails with 503 `store_unavailable` (the whole operation is bounded by twice this).
+    #[arg(long, env = "MONGO_OP_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub mongo_op_timeout: Duration,
+
+    /// How this process follows other replicas' writes: auto (a change stream where the server
+    /// offers one, else polling) or poll.
+    #[arg(long, env = "MONGO_FOLLOW", default_value = "auto")]
+    pub mongo_follow: FollowMode,
+
+    /// Polling interval when following by polling.
+    #[arg(long, env = "MONGO_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
+    pub mongo_poll_interval: Duration,
 
     /// The embedded store's file.
     #[arg(long, env = "DATABASE_PATH", default_value = "data/facerec.db")]
@@ -140,6 +172,14 @@ pub struct ServeConfig {
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// HS256 secret: when set, protected endpoints need `Authorization: Bearer <JWT>` (or an API key).
+    #[arg(long, env = "JWT_SECRET_KEY", hide_env_values = true)]
+    pub jwt_secret_key: Option<String>,
+
+    /// Comma-separated API keys: when set, `X-API-Key` with one of them passes.
+    #[arg(long, env = "API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+
     #[command(flatten)]
     pub models: ModelConfig,
 }
@@ -160,6 +200,39 @@ impl ServeConfig {
         }
         Ok(())
     }
+}
+
+impl ServeConfig {
+    /// The MongoDB store's settings.
+    pub fn mongo_options(&self) -> MongoOptions {
+        MongoOptions {
+            connect_timeout: self.mongo_connect_timeout,
+            op_timeout: self.mongo_op_timeout,
+            follow: self.mongo_follow,
+            poll_interval: self.mongo_poll_interval,
+        }
+    }
+}
+
+/// A duration: a number of seconds (`10`, `1.5`) or a number with a unit (`500ms`, `10s`, `2m`),
+/// more than zero and at most an hour.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (number, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = number.trim().parse().map_err(|_| format!("'{s}' is not a duration (e.g. 10s, 500ms)"))?;
+    let secs = v * scale;
+    if !(secs > 0.0 && secs <= 3600.0) {
+        return Err(format!("'{s}' must be more than 0 and at most an hour"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// A number in [0, 1].

@@ -59,7 +59,16 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     init_tracing();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => e.exit(),
+        Err(e) => {
+            // One clear line: clap's first line names the flag (and its variable) and the problem.
+            let text = e.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("error: invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Some(Command::Fetch { models }) => run_fetch(&models),
         Some(Command::Eval { images, labels, golden, det_size, models }) => {

@@ -7,6 +7,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 
+use crate::api::auth::AuthConfig;
+use crate::api::faces::FaceIndex;
 use crate::api::{self, AppState};
 use crate::audit::{AuditConfig, AuditHandle};
 use crate::config::{ServeConfig, analyzer_options};
@@ -17,6 +19,9 @@ use crate::fetch;
 use crate::gallery::Gallery;
 use crate::runtime::Runtime;
 use crate::store::FaceStore;
+use crate::store::faces::FaceRecordStore;
+use crate::store::follow::{self, WriteGate};
+use crate::store::mongo::MongoStore;
 use crate::store::sqlite::SqliteStore;
 
 /// Everything built at start, before listening.
@@ -29,6 +34,11 @@ pub struct Service {
 pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     let started = Instant::now();
+    // MongoDB first: an unreachable database stops the start before the models are loaded.
+    let mongo = match &cfg.mongo_uri {
+        Some(uri) => Some(Arc::new(MongoStore::connect(uri, cfg.mongo_options()).await.context("MONGO_URI")?)),
+        None => None,
+    };
     let models = cfg.models.clone();
     let (runtime, files) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let runtime = Runtime::init(&models.runtime_options())?;
@@ -49,14 +59,13 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
     };
     let info = engine.info().clone();
 
-    if cfg.mongo_uri.is_some() {
-        anyhow::bail!(
-            "MONGO_URI is set, but this build has no MongoDB store yet: unset MONGO_URI to use the embedded store at DATABASE_PATH"
-        );
-    }
-    let store: Arc<dyn FaceStore> = Arc::new(
+    let sqlite = Arc::new(
         SqliteStore::open(&cfg.database_path).with_context(|| format!("opening the embedded store at {}", cfg.database_path.display()))?,
     );
+    let store: Arc<dyn FaceStore> = match mongo {
+        Some(m) => m,
+        None => Arc::clone(&sqlite) as Arc<dyn FaceStore>,
+    };
     let loaded = store.load_users(&info.model_id).await.context("loading users from the store")?;
     if loaded.other_model > 0 {
         tracing::warn!(count = loaded.other_model, ours = %info.model_id, "users enrolled with another recognizer are kept but not compared");
@@ -65,6 +74,18 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
         info.embedding_dim,
         loaded.users.into_iter().filter(|u| !u.embedding.is_empty()).map(|u| (u.username, u.embedding)),
     ));
+    let faces_loaded = sqlite.load_faces(&info.model_id).await.context("loading face records from the store")?;
+    let face_index = Arc::new(FaceIndex::new(info.embedding_dim));
+    for r in &faces_loaded.faces {
+        face_index.insert(r);
+    }
+    let faces: Arc<dyn FaceRecordStore> = sqlite;
+    let auth = Arc::new(AuthConfig::new(cfg.jwt_secret_key.as_deref(), cfg.api_keys.as_deref()));
+    if auth.is_open() {
+        tracing::warn!("no JWT_SECRET_KEY and no API_KEYS: every endpoint is open to anyone who can reach it");
+    } else {
+        tracing::info!(jwt = auth.jwt_enabled(), api_keys = auth.api_keys_enabled(), "authentication on");
+    }
     let audit = AuditHandle::start(AuditConfig { log_file: cfg.log_file.clone(), photo_dir: cfg.photo_dir.clone(), queue: 1024 })
         .await
         .with_context(|| format!("preparing {} and {}", cfg.log_file.display(), cfg.photo_dir.display()))?;
@@ -73,6 +94,7 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
         pack = %cfg.models.model_pack,
         recognizer = %info.model_id,
         users = gallery.len(),
+        face_records = face_index.len(),
         store = ?store.kind(),
         workers = cfg.workers,
         det_size = cfg.det_size,
@@ -84,7 +106,10 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
         gallery,
         store_kind: store.kind(),
         store,
+        faces,
+        face_index,
         audit,
+        auth,
         metadata: std::sync::RwLock::new(serde_json::json!({})),
         sim_threshold: cfg.sim_threshold,
         model_pack: cfg.models.model_pack.clone(),
@@ -92,7 +117,18 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
         skipped_malformed: loaded.malformed,
         writes: tokio::sync::Mutex::new(()),
     });
+    // A shared store (MongoDB): follow the other replicas' writes into the gallery.
+    if let Some(feed) = state.store.follow().await.context("following other replicas' writes")? {
+        tokio::spawn(follow::run(Arc::clone(&state), Arc::clone(&state.gallery), info.model_id.clone(), feed));
+    }
     Ok(Service { state, max_body_bytes: cfg.max_body_bytes })
+}
+
+/// The follower applies other replicas' changes under the handlers' write lock.
+impl WriteGate for AppState {
+    fn writes(&self) -> &tokio::sync::Mutex<()> {
+        &self.writes
+    }
 }
 
 /// Builds the service and serves until a shutdown signal.

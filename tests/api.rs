@@ -13,6 +13,8 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use common::{fixture, golden, pack_dir, runtime, temp_dir};
+use facerec::api::auth::AuthConfig;
+use facerec::api::faces::FaceIndex;
 use facerec::api::{AppState, app};
 use facerec::audit::{AuditConfig, AuditHandle};
 use facerec::config::analyzer_options;
@@ -29,20 +31,27 @@ struct Harness {
 
 impl Harness {
     async fn new() -> Harness {
+        Harness::with_auth(AuthConfig::new(None, None)).await
+    }
+
+    async fn with_auth(auth: AuthConfig) -> Harness {
         let dir = temp_dir("api");
         let files = facerec::face::pack::resolve(&pack_dir()).expect("pack");
         let cfg = EngineConfig { workers: 1, queue: 64, analyzer: analyzer_options(320), limits: ImageLimits::default() };
         let engine = Engine::start(runtime(), files, cfg).expect("engine");
-        let store = SqliteStore::open(&dir.join("data/facerec.db")).expect("store");
+        let store = Arc::new(SqliteStore::open(&dir.join("data/facerec.db")).expect("store"));
         let audit = AuditHandle::start(AuditConfig { log_file: dir.join("logs.txt"), photo_dir: dir.join("photo"), queue: 64 })
             .await
             .expect("audit");
         let state = Arc::new(AppState {
             gallery: Arc::new(Gallery::new(engine.info().embedding_dim)),
+            face_index: Arc::new(FaceIndex::new(engine.info().embedding_dim)),
             engine,
             store_kind: store.kind(),
-            store: Arc::new(store),
+            store: Arc::clone(&store) as Arc<dyn FaceStore>,
+            faces: store,
             audit,
+            auth: Arc::new(auth),
             metadata: std::sync::RwLock::new(json!({})),
             sim_threshold: 0.3,
             model_pack: "buffalo_sc".into(),
@@ -378,4 +387,219 @@ async fn an_oversized_body_is_413_json() {
     let req = Request::post("/recognize").header(header::CONTENT_TYPE, "application/json").body(Body::from(big)).expect("request");
     let (s, v) = h.json(req).await;
     assert_eq!((s, v["code"].clone()), (StatusCode::PAYLOAD_TOO_LARGE, json!("payload_too_large")));
+}
+
+/// One multipart field.
+enum Field {
+    Text(&'static str, String),
+    File(&'static str, String, Vec<u8>),
+}
+
+fn form(uri: &str, fields: &[Field]) -> Request<Body> {
+    let boundary = "facerecBoundary7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    for f in fields {
+        match f {
+            Field::Text(name, value) => body.extend_from_slice(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+            ),
+            Field::File(name, file, bytes) => {
+                body.extend_from_slice(
+                    format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{file}\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+                );
+                body.extend_from_slice(bytes);
+                body.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    Request::post(uri)
+        .header(header::CONTENT_TYPE, format!("multipart/form-data; boundary={boundary}"))
+        .body(Body::from(body))
+        .expect("request")
+}
+
+fn image_form(uri: &str, file: &str) -> Request<Body> {
+    form(uri, &[Field::File("image", file.into(), fixture(file))])
+}
+
+fn embedding_of(v: &Value) -> Vec<f64> {
+    serde_json::from_value(v["embedding"].clone()).expect("numbers")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_api_registers_searches_and_forgets() {
+    let h = Harness::new().await;
+    let mut ids = Vec::new();
+    for (name, file) in [("Alice", "img5.jpg"), ("Carol", "img16.jpg"), ("Bob", "img12.jpg")] {
+        let (s, v) = h
+            .json(form("/api/face/register", &[Field::Text("displayName", name.into()), Field::File("image", file.into(), fixture(file))]))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        assert_eq!(v["display_name"], name);
+        let id = v["id"].as_str().expect("id").to_string();
+        assert_eq!(v["image_url"], format!("/api/face/{id}/image"));
+        assert!(v.get("face_vec").is_none() && v.get("embedding").is_none(), "no vector in the record");
+        ids.push(id);
+    }
+    // Search with another photo of Alice: Alice first, with the cosine encode gives for the two photos.
+    let (s, hits) = h.json(image_form("/api/face/search", "img6.jpg")).await;
+    assert_eq!(s, StatusCode::OK, "{hits}");
+    assert_eq!(hits[0]["id"], ids[0].as_str());
+    assert_eq!(hits[0]["display_name"], "Alice");
+    let (_, e5) = h.json(image_form("/api/face/encode", "img5.jpg")).await;
+    let (_, e6) = h.json(image_form("/api/face/encode", "img6.jpg")).await;
+    assert_eq!(e5["faces"][0]["landmarks"].as_array().map(Vec::len), Some(5));
+    assert_eq!(e5["faces"][0]["embedding"], e5["embedding"], "the most prominent face comes first");
+    let cos: f64 = embedding_of(&e5).iter().zip(embedding_of(&e6)).map(|(a, b)| a * b).sum();
+    let score = hits[0]["score"].as_f64().expect("score");
+    assert!((score - cos).abs() < 1e-3, "search score {score} vs encode cosine {cos}");
+    assert!(hits.as_array().is_some_and(|a| a.iter().all(|h| 1.0 - h["score"].as_f64().unwrap_or(0.0) < 0.35)));
+
+    // Verify agrees with encode.
+    let pair = |a: &str, b: &str| {
+        form("/api/face/verify", &[Field::File("image1", "a".into(), fixture(a)), Field::File("image2", "b".into(), fixture(b))])
+    };
+    let (s, ver) = h.json(pair("img5.jpg", "img6.jpg")).await;
+    assert_eq!(s, StatusCode::OK, "{ver}");
+    assert!((ver["similarity"].as_f64().unwrap_or(0.0) - cos).abs() < 1e-3);
+    assert_eq!(ver["same_person"], true);
+    assert_eq!(h.json(pair("img5.jpg", "img16.jpg")).await.1["same_person"], false);
+
+    // A strict threshold leaves nothing: an empty list, 200.
+    let (s, none) = h
+        .json(form("/api/face/search", &[Field::File("image", "q".into(), fixture("img6.jpg")), Field::Text("threshold", "0.01".into())]))
+        .await;
+    assert_eq!((s, none), (StatusCode::OK, json!([])));
+    let (s, one) = h
+        .json(form(
+            "/api/face/search",
+            &[Field::File("image", "q".into(), fixture("img6.jpg")), Field::Text("topK", "1".into()), Field::Text("threshold", "2".into())],
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(one.as_array().map(Vec::len), Some(1));
+
+    // Get, image, list.
+    let (s, rec) = h.json(get(&format!("/api/face/{}", ids[1]))).await;
+    assert_eq!((s, rec["display_name"].clone()), (StatusCode::OK, json!("Carol")));
+    let (s, img) = h.call(get(&format!("/api/face/{}/image", ids[1]))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(img, fixture("img16.jpg"), "the image is kept as sent");
+    let (_, page) = h.json(get("/api/face?limit=2&offset=1")).await;
+    assert_eq!(page["total"], 3);
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(page["items"][0]["id"], ids[1].as_str(), "oldest first");
+
+    // Delete: record, image and vector gone.
+    let del = |id: &str| Request::delete(format!("/api/face/{id}")).body(Body::empty()).expect("request");
+    assert_eq!(h.json(del(&ids[0])).await.0, StatusCode::OK);
+    for uri in [format!("/api/face/{}", ids[0]), format!("/api/face/{}/image", ids[0])] {
+        let (s, v) = h.json(get(&uri)).await;
+        assert_eq!((s, v["code"].clone()), (StatusCode::NOT_FOUND, json!("face_not_found")), "{uri}");
+    }
+    let (_, hits) = h.json(image_form("/api/face/search", "img6.jpg")).await;
+    assert!(hits.as_array().is_some_and(|a| a.iter().all(|h| h["id"] != ids[0].as_str())));
+    assert_eq!(h.json(del(&ids[0])).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_api_errors() {
+    let h = Harness::new().await;
+    let grey = grey_png();
+    let (s, v) = h.json(form("/api/face/encode", &[Field::File("image", "g.png".into(), grey.clone())])).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("no_face_detected")));
+    let (s, v) =
+        h.json(form("/api/face/register", &[Field::Text("displayName", "X".into()), Field::File("image", "g.png".into(), grey)])).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("no_face_detected")));
+    let (s, v) = h.json(form("/api/face/register", &[Field::File("image", "a.jpg".into(), fixture("img5.jpg"))])).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_request")));
+    let (s, v) = h.json(form("/api/face/encode", &[Field::File("image", "t.txt".into(), b"text".to_vec())])).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_image")));
+    for (k, val) in [("topK", "0"), ("topK", "x"), ("threshold", "3")] {
+        let (s, v) =
+            h.json(form("/api/face/search", &[Field::File("image", "q".into(), fixture("img6.jpg")), Field::Text(k, val.into())])).await;
+        assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_request")), "{k}={val}");
+    }
+    let (s, v) = h.json(get("/api/face?limit=0")).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_request")));
+    let (s, v) = h.json(get("/api/face?limit=abc")).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_request")));
+    assert_eq!(h.json(get("/api/face")).await.1["total"], 0, "nothing was stored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_auth_on_every_protected_endpoint_needs_a_token_or_a_key() {
+    let secret = "test-secret";
+    let h = Harness::with_auth(AuthConfig::new(Some(secret), Some("key-one,key-two"))).await;
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 600;
+    let token = facerec::api::auth::sign_hs256(&json!({"sub": "tests", "exp": exp}), secret.as_bytes());
+    let expired = facerec::api::auth::sign_hs256(&json!({"sub": "tests", "exp": 1_000}), secret.as_bytes());
+    let forged = facerec::api::auth::sign_hs256(&json!({"sub": "tests", "exp": exp}), b"another secret");
+
+    type Make = Box<dyn Fn() -> Request<Body>>;
+    let requests: Vec<(&str, Make)> = vec![
+        ("recognize", Box::new(|| post_json("/recognize", &json!({"bboxes": []})))),
+        ("metadata", Box::new(|| get("/metadata"))),
+        ("users list", Box::new(|| get("/users"))),
+        ("users create", Box::new(|| post_json("/users", &json!({"username": format!("u{}", uuid::Uuid::new_v4())})))),
+        ("enrol", Box::new(|| multipart("/calculate_average_embedding", "nobody", &[("a.jpg", fixture("img5.jpg"))]))),
+        ("users delete", Box::new(|| Request::delete("/users/nobody").body(Body::empty()).expect("request"))),
+        ("face list", Box::new(|| get("/api/face"))),
+        ("face get", Box::new(|| get("/api/face/none"))),
+        ("face image", Box::new(|| get("/api/face/none/image"))),
+        ("face delete", Box::new(|| Request::delete("/api/face/none").body(Body::empty()).expect("request"))),
+        ("encode", Box::new(|| image_form("/api/face/encode", "img12.jpg"))),
+        ("search", Box::new(|| image_form("/api/face/search", "img12.jpg"))),
+        (
+            "register",
+            Box::new(|| {
+                form(
+                    "/api/face/register",
+                    &[Field::Text("displayName", "Z".into()), Field::File("image", "z".into(), fixture("img12.jpg"))],
+                )
+            }),
+        ),
+        (
+            "verify",
+            Box::new(|| {
+                form(
+                    "/api/face/verify",
+                    &[Field::File("image1", "a".into(), fixture("img12.jpg")), Field::File("image2", "b".into(), fixture("img12.jpg"))],
+                )
+            }),
+        ),
+    ];
+    let with = |mut r: Request<Body>, name: &str, value: &str| {
+        r.headers_mut().insert(header::HeaderName::from_bytes(name.as_bytes()).expect("name"), value.parse().expect("value"));
+        r
+    };
+    for (what, make) in &requests {
+        for (label, req) in [
+            ("no credentials", make()),
+            ("wrong key", with(make(), "x-api-key", "key-three")),
+            ("expired token", with(make(), "authorization", &format!("Bearer {expired}"))),
+            ("forged token", with(make(), "authorization", &format!("Bearer {forged}"))),
+            ("not bearer", with(make(), "authorization", &format!("Token {token}"))),
+        ] {
+            let (s, v) = h.json(req).await;
+            assert_eq!((s, v["code"].clone()), (StatusCode::UNAUTHORIZED, json!("unauthorized")), "{what} with {label}");
+        }
+        for (label, req) in
+            [("a JWT", with(make(), "authorization", &format!("Bearer {token}"))), ("an API key", with(make(), "x-api-key", "key-two"))]
+        {
+            let (s, v) = h.call(req).await;
+            assert!(s.is_success() || s == StatusCode::NOT_FOUND, "{what} with {label}: {s} {}", String::from_utf8_lossy(&v));
+        }
+    }
+    // Public endpoints stay public.
+    for uri in ["/", "/health", "/openapi.json", "/docs/", "/redoc"] {
+        assert_eq!(h.call(get(uri)).await.0, StatusCode::OK, "{uri}");
+    }
+    let (_, doc) = h.json(get("/openapi.json")).await;
+    let schemes = &doc["components"]["securitySchemes"];
+    assert_eq!(schemes["bearer"]["scheme"], "bearer");
+    assert_eq!(schemes["api_key"]["name"], "X-API-Key");
+    assert!(doc["paths"]["/recognize"]["post"]["security"].is_array());
+    assert!(doc["paths"]["/api/face/search"]["post"]["security"].is_array());
 }

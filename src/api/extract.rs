@@ -75,9 +75,15 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     }
 }
 
-/// Checks a username: 1 to 128 characters, no control characters, no surrounding spaces.
+/// Checks a username: see [`validate_name`].
 pub fn validate_username(name: &str) -> Result<(), ApiError> {
-    let bad = |why: &str| Err(ApiError::new(ErrorCode::InvalidUsername, format!("invalid username: {why}")));
+    validate_name("username", name)
+}
+
+/// Checks a name given by a client (`username`, `displayName`): 1 to 128 characters, no
+/// control characters, no surrounding white space.
+pub fn validate_name(field: &str, name: &str) -> Result<(), ApiError> {
+    let bad = |why: &str| Err(ApiError::new(ErrorCode::InvalidUsername, format!("invalid {field}: {why}")));
     if name.is_empty() {
         return bad("it is empty");
     }

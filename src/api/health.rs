@@ -13,7 +13,7 @@ use crate::store::StoreKind;
 
 /// Health answer.
 #[derive(Debug, Serialize, ToSchema)]
-#[schema(example = json!({"status": "ok", "version": "0.1.0", "execution_provider": "cpu", "model_pack": "buffalo_sc", "model_id": "w600k_mbf@9cc6e4a75f0e", "users": 42, "store": "sqlite", "skipped_other_model": 0, "skipped_malformed": 0}))]
+#[schema(example = json!({"status": "ok", "version": "0.1.0", "execution_provider": "cpu", "model_pack": "buffalo_sc", "model_id": "w600k_mbf@9cc6e4a75f0e", "users": 42, "face_records": 7, "store": "sqlite", "skipped_other_model": 0, "skipped_malformed": 0}))]
 pub struct Health {
     /// "ok" once the models are loaded (the server listens only then).
     pub status: String,
@@ -26,6 +26,8 @@ pub struct Health {
     pub model_id: String,
     /// Users with a template, compared by /recognize.
     pub users: usize,
+    /// Face records of the second API, searched by /api/face/search.
+    pub face_records: usize,
     pub store: StoreKind,
     /// Users at start whose templates came from another recognizer (kept, not compared).
     pub skipped_other_model: usize,
@@ -44,6 +46,7 @@ pub async fn health(State(st): State<Arc<AppState>>) -> Json<Health> {
         model_pack: st.model_pack.clone(),
         model_id: info.model_id.clone(),
         users: st.gallery.len(),
+        face_records: st.face_index.len(),
         store: st.store_kind,
         skipped_other_model: st.skipped_other_model,
         skipped_malformed: st.skipped_malformed,

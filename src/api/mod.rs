@@ -2,8 +2,10 @@
 //! maths and no I/O of its own. [`app`] builds the router (tests call it without a socket);
 //! one file per resource: `recognize` (the original contract), `users`, `health`.
 
+pub mod auth;
 pub mod error;
 mod extract;
+pub mod faces;
 pub mod health;
 pub mod recognize;
 pub mod users;
@@ -22,6 +24,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::audit::AuditHandle;
 use crate::engine::Engine;
 use crate::gallery::Gallery;
+use crate::store::faces::FaceRecordStore;
 use crate::store::{FaceStore, StoreKind};
 pub use error::{ApiError, ErrorCode};
 
@@ -30,7 +33,12 @@ pub struct AppState {
     pub engine: Engine,
     pub gallery: Arc<Gallery>,
     pub store: Arc<dyn FaceStore>,
+    /// Face records of the second API (`/api/face/*`).
+    pub faces: Arc<dyn FaceRecordStore>,
+    /// Their vectors in memory, for search.
+    pub face_index: Arc<faces::FaceIndex>,
     pub audit: AuditHandle,
+    pub auth: Arc<auth::AuthConfig>,
     /// The last /recognize answer's `meta` (`{}` before the first).
     pub metadata: std::sync::RwLock<serde_json::Value>,
     pub sim_threshold: f32,
@@ -60,16 +68,63 @@ every other error carries a stable `code`."
         users::create_user,
         users::list_users,
         users::delete_user,
+        faces::encode,
+        faces::register,
+        faces::search,
+        faces::get_face,
+        faces::get_face_image,
+        faces::list_faces,
+        faces::delete_face,
+        faces::verify,
         health::health,
     ),
     components(schemas(error::ErrorBody, error::ErrorCode, error::EntryError)),
+    modifiers(&SecuritySchemes),
     tags(
         (name = "recognition", description = "The original contract: recognise face crops, enrol users"),
         (name = "users", description = "Enrolled users"),
+        (name = "faces", description = "The second API: single images in, vectors and matches out"),
         (name = "operations", description = "Health"),
     )
 )]
 pub struct ApiDoc;
+
+/// Declares the two ways to authenticate, and applies them to the protected operations
+/// that do not list them themselves (the original contract's).
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some("HS256 JWT signed with JWT_SECRET_KEY, with an `exp` claim"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description("X-API-Key", "One of API_KEYS"))),
+        );
+        let protected = ["/recognize", "/metadata", "/calculate_average_embedding", "/users", "/users/{username}"];
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !protected.contains(&path.as_str()) {
+                continue;
+            }
+            for op in [&mut item.get, &mut item.post, &mut item.delete].into_iter().flatten() {
+                op.security.get_or_insert_with(Vec::new).extend([
+                    SecurityRequirement::new("bearer", Vec::<String>::new()),
+                    SecurityRequirement::new("api_key", Vec::<String>::new()),
+                ]);
+            }
+        }
+    }
+}
 
 /// The OpenAPI document served at /openapi.json.
 pub fn openapi() -> utoipa::openapi::OpenApi {
@@ -78,15 +133,23 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The router with every route, the docs and the body limit.
 pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
-    let api = Router::new()
-        .route("/", get(landing))
+    // Everything that changes or reveals identities needs credentials when auth is on.
+    let protected = Router::new()
         .route("/recognize", post(recognize::recognize))
         .route("/metadata", get(recognize::metadata))
         .route("/calculate_average_embedding", post(recognize::calculate_average_embedding))
         .route("/users", post(users::create_user).get(users::list_users))
         .route("/users/{username}", delete(users::delete_user))
-        .route("/health", get(health::health))
-        .with_state(state);
+        .route("/api/face", get(faces::list_faces))
+        .route("/api/face/encode", post(faces::encode))
+        .route("/api/face/register", post(faces::register))
+        .route("/api/face/search", post(faces::search))
+        .route("/api/face/verify", post(faces::verify))
+        .route("/api/face/{id}", get(faces::get_face).delete(faces::delete_face))
+        .route("/api/face/{id}/image", get(faces::get_face_image))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state.auth), auth::require_auth));
+    let public = Router::new().route("/", get(landing)).route("/health", get(health::health));
+    let api = protected.merge(public).with_state(state);
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi()))
         .merge(Redoc::with_url("/redoc", openapi()))
         .fallback(not_found)

@@ -3,7 +3,11 @@
 //! The store is the truth; the in-memory gallery is rebuilt from it at start and follows
 //! every write after the store has accepted it.
 
+pub mod faces;
+pub mod follow;
+pub mod mongo;
 pub mod sqlite;
+mod sqlite_faces;
 
 use std::time::SystemTime;
 
@@ -97,6 +101,37 @@ pub fn weighted_template(old: &[f32], old_samples: u64, new: &[Vec<f32>]) -> (Ve
     (template, old_weight + new.len() as u64)
 }
 
+/// A user's state as another process (or this one) left it in the store, for the gallery.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// The user's current record. The gallery compares it when it has a template made by our
+    /// recognizer (or by an unknown one, as at start) and drops the user otherwise.
+    Upsert(UserRecord),
+    /// The user is gone (or its template can no longer be used).
+    Remove(String),
+}
+
+/// Writes made to a shared store by anyone (other replicas, the dashboard, this process),
+/// for the follower ([`follow::run`]) to bring into the gallery.
+///
+/// Split in two so that the follower can read the current state under the write lock:
+/// [`ChangeFeed::wait`] only learns *which* users changed (no lock held); [`ChangeFeed::changes`]
+/// then reads their current documents while local writes wait, so a late echo of an older
+/// write can never overwrite a newer local one.
+#[async_trait::async_trait]
+pub trait ChangeFeed: Send {
+    /// Waits until some users may have changed. Outages are ridden out inside (reconnecting
+    /// with a backoff); it returns only when there is something to read.
+    async fn wait(&mut self);
+
+    /// The current state of every user that changed since the last successful call, read now.
+    /// On an error nothing is lost: the same users are read again on the next call.
+    async fn changes(&mut self) -> Result<Vec<Change>, StoreError>;
+
+    /// How it follows: "change stream", "poll".
+    fn describe(&self) -> String;
+}
+
 /// Durable storage of users. Implementations must make `enroll` atomic: concurrent
 /// enrolments of one user all count.
 #[async_trait::async_trait]
@@ -122,6 +157,14 @@ pub trait FaceStore: Send + Sync + 'static {
     /// `UserNotFound` if absent; `ModelMismatch` if the stored template came from another
     /// recognizer.
     async fn enroll(&self, username: &str, embeddings: &[Vec<f32>], model_id: &str) -> Result<UserRecord, StoreError>;
+
+    /// Other writers' changes, for a store that several processes share; `None` (the
+    /// default) for a store only this process writes (SQLite). Call it after
+    /// [`FaceStore::load_users`]: the feed starts where that load started, so nothing written
+    /// in between is missed.
+    async fn follow(&self) -> Result<Option<Box<dyn ChangeFeed>>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// RFC 3339 (UTC, milliseconds) for a time.

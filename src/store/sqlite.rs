@@ -33,7 +33,7 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, ff
 use super::{EMBEDDING_DIM, FaceStore, LoadedUsers, StoreError, StoreKind, UserRecord, UserSummary, rfc3339, weighted_template};
 
 /// Version of the schema this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// How long a statement waits for another connection's lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -87,7 +87,7 @@ impl SqliteStore {
     }
 
     /// Runs `f` with the connection on tokio's blocking pool.
-    async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    pub(super) async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -131,6 +131,7 @@ fn configure(conn: &Connection, busy_timeout: Duration) -> Result<(), StoreError
         tracing::warn!("sqlite store: WAL journal not available (journal_mode is {mode}); writers will block readers");
     }
     conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql_err)?;
+    conn.pragma_update(None, "mmap_size", 1i64 << 40).map_err(sql_err)?;
     // For the tables to come (their rows will refer to `users` and go with it).
     conn.pragma_update(None, "foreign_keys", true).map_err(sql_err)?;
     Ok(())
@@ -159,7 +160,28 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         )
         .map_err(sql_err)?;
     }
-    // Later versions add their steps here (`if version < 2 { ... }`).
+    if version < 2 {
+        // The second API's face records (see `sqlite_faces`), their images apart so that
+        // loading the vectors at start never reads the images.
+        tx.execute_batch(
+            "CREATE TABLE IF NOT EXISTS faces (
+                 id           TEXT PRIMARY KEY NOT NULL,
+                 display_name TEXT NOT NULL,
+                 image_url    TEXT NOT NULL,
+                 face_vec     BLOB NOT NULL,
+                 model_id     TEXT NOT NULL,
+                 inserted_at  INTEGER NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS faces_inserted_at ON faces (inserted_at, id);
+             CREATE TABLE IF NOT EXISTS face_images (
+                 id           TEXT PRIMARY KEY NOT NULL REFERENCES faces (id) ON DELETE CASCADE,
+                 content_type TEXT NOT NULL,
+                 bytes        BLOB NOT NULL
+             );",
+        )
+        .map_err(sql_err)?;
+    }
+    // Later versions add their steps here (`if version < 3 { ... }`).
     if version != SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(sql_err)?;
     }
@@ -168,7 +190,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 
 /// Maps SQLite's errors: the database being busy, locked, unreadable or full is
 /// `Unavailable` (nothing changed; try again later); the rest is `Internal`.
-fn sql_err(e: rusqlite::Error) -> StoreError {
+pub(super) fn sql_err(e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
         Some(
             ErrorCode::DatabaseBusy
@@ -193,12 +215,12 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
     )
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A stored time (NULL or out of range: the epoch).
-fn time_from_ms(ms: Option<i64>) -> SystemTime {
+pub(super) fn time_from_ms(ms: Option<i64>) -> SystemTime {
     ms.and_then(|ms| u64::try_from(ms).ok())
         .and_then(|ms| SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(ms)))
         .unwrap_or(SystemTime::UNIX_EPOCH)
@@ -224,7 +246,7 @@ fn has_template(v: ValueRef<'_>) -> bool {
 
 /// Decodes a stored embedding: none (NULL or empty) or exactly [`EMBEDDING_DIM`] finite
 /// little-endian f32; anything else is described in the error.
-fn decode_embedding(v: ValueRef<'_>) -> Result<Vec<f32>, String> {
+pub(super) fn decode_embedding(v: ValueRef<'_>) -> Result<Vec<f32>, String> {
     match v {
         ValueRef::Null => Ok(Vec::new()),
         ValueRef::Blob([]) => Ok(Vec::new()),
@@ -238,7 +260,7 @@ fn decode_embedding(v: ValueRef<'_>) -> Result<Vec<f32>, String> {
     }
 }
 
-fn encode_embedding(v: &[f32]) -> Vec<u8> {
+pub(super) fn encode_embedding(v: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(v.len() * 4);
     for x in v {
         out.extend_from_slice(&x.to_le_bytes());
@@ -813,16 +835,16 @@ mod tests {
 
     /// Load time at start for many users. Release mode:
     /// `FACEREC_BENCH_USERS=1000000 cargo test --release --lib store::sqlite::tests::load_many_users -- --ignored --nocapture`
+    /// With `FACEREC_BENCH_DB=/some/file.db` the database is kept (and reused when it exists),
+    /// so that a later run can load it in a fresh process after its pages left the OS cache.
     #[tokio::test(flavor = "multi_thread")]
     #[ignore = "benchmark: writes a large database"]
     async fn load_many_users() {
         let n: usize = std::env::var("FACEREC_BENCH_USERS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
-        let dir = match std::env::var_os("FACEREC_BENCH_DIR") {
-            Some(d) => TempDir(PathBuf::from(d).join(format!("facerec-bench-{}", std::process::id()))),
-            None => TempDir::new("bench"),
-        };
-        {
-            let store = SqliteStore::open(&dir.db()).unwrap();
+        let temp = TempDir::new("bench");
+        let db = std::env::var_os("FACEREC_BENCH_DB").map_or_else(|| temp.db(), PathBuf::from);
+        if !db.exists() {
+            let store = SqliteStore::open(&db).unwrap();
             let started = Instant::now();
             let blobs: Vec<Vec<u8>> = (0..1024u64).map(|i| encode_embedding(&unit(i))).collect();
             let mut conn = lock(&store.conn);
@@ -840,10 +862,10 @@ mod tests {
             conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
             eprintln!("inserted {n} users in {:.2?}", started.elapsed());
         }
-        let size = std::fs::metadata(dir.db()).unwrap().len();
+        let size = std::fs::metadata(&db).unwrap().len();
         for round in 0..2 {
             let started = Instant::now();
-            let store = SqliteStore::open(&dir.db()).unwrap();
+            let store = SqliteStore::open(&db).unwrap();
             let loaded = store.load_users("buffalo_l").await.unwrap();
             let elapsed = started.elapsed();
             assert_eq!((loaded.users.len(), loaded.malformed, loaded.other_model), (n, 0, 0));

@@ -1,0 +1,489 @@
+//! The second API, for web and mobile clients: `/api/face/*` (encode, register, search,
+//! get, image, list, delete) and verify. Single images in (multipart), vectors and matches
+//! out. Face records live in the store's `faces` table/collection and, for search, in a
+//! second in-memory matrix keyed by record id.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::extract::{Form, Part};
+use crate::face::image::ImageKind;
+use crate::face::{Face, FoundBy, cosine, most_prominent};
+use crate::store::faces::{FaceRecord, FaceView, StoredImage};
+
+/// Largest image kept by register (MongoDB documents stop at 16 MiB).
+const MAX_STORED_IMAGE: usize = 15 << 20;
+
+/// A face found in an image.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FaceOut {
+    /// x1, y1, x2, y2 in the image's pixels.
+    pub bbox: [f32; 4],
+    /// Five points: left eye, right eye, nose, left and right mouth corners.
+    pub landmarks: [[f32; 2]; 5],
+    pub det_score: f32,
+    /// 512 numbers, L2-normalised.
+    pub embedding: Vec<f32>,
+    /// `detector`, `padded` (tight crop, found on a padded copy) or `aligned` (a 112x112 input).
+    #[schema(value_type = String, example = "detector")]
+    pub found_by: FoundBy,
+}
+
+/// `encode` answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EncodeResponse {
+    /// The most prominent face's embedding.
+    pub embedding: Vec<f32>,
+    /// Every face, most prominent first.
+    pub faces: Vec<FaceOut>,
+    /// The recognizer that made these vectors: compare only vectors of one model.
+    #[schema(example = "w600k_mbf@9cc6e4a75f0e")]
+    pub model_id: String,
+}
+
+/// A search hit.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"id": "3f6c1a52-9d1e-4b8e-a0a4-0d3b8f1f2c11", "display_name": "Alice Martin", "score": 0.71, "image_url": "/api/face/3f6c1a52-9d1e-4b8e-a0a4-0d3b8f1f2c11/image"}))]
+pub struct SearchHit {
+    pub id: String,
+    pub display_name: String,
+    /// 1 - cosine distance, i.e. the cosine similarity.
+    pub score: f32,
+    pub image_url: String,
+}
+
+/// `verify` answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"similarity": 0.62, "distance": 0.38, "threshold": 0.3, "same_person": true}))]
+pub struct VerifyResponse {
+    /// Cosine similarity of the two images' most prominent faces.
+    pub similarity: f32,
+    /// 1 - similarity.
+    pub distance: f32,
+    /// The similarity threshold applied.
+    pub threshold: f32,
+    /// similarity >= threshold.
+    pub same_person: bool,
+}
+
+/// `GET /api/face` answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FaceList {
+    pub items: Vec<FaceView>,
+    /// Records in all.
+    pub total: usize,
+    pub limit: usize,
+    pub offset: usize,
+}
+
+/// `DELETE /api/face/{id}` answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"status": "deleted", "id": "3f6c1a52-9d1e-4b8e-a0a4-0d3b8f1f2c11"}))]
+pub struct FaceDeleted {
+    pub status: String,
+    pub id: String,
+}
+
+/// Form: one image.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct ImageForm {
+    #[schema(value_type = String, format = Binary)]
+    image: Vec<u8>,
+}
+
+/// Form: a display name and one image.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct RegisterForm {
+    /// 1 to 128 characters, no control characters.
+    #[serde(rename = "displayName")]
+    #[schema(example = "Alice Martin")]
+    display_name: String,
+    #[schema(value_type = String, format = Binary)]
+    image: Vec<u8>,
+}
+
+/// Form: the query image and the search's bounds.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct SearchForm {
+    #[schema(value_type = String, format = Binary)]
+    image: Vec<u8>,
+    /// Most results returned (1 to 100; default 5).
+    #[serde(rename = "topK")]
+    #[schema(example = 5)]
+    top_k: Option<u32>,
+    /// Largest cosine distance (1 - similarity) returned, between 0 and 2 (default 0.35).
+    #[schema(example = 0.35)]
+    threshold: Option<f32>,
+}
+
+/// Form: two images and an optional similarity threshold.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)]
+pub struct VerifyForm {
+    #[schema(value_type = String, format = Binary)]
+    image1: Vec<u8>,
+    #[schema(value_type = String, format = Binary)]
+    image2: Vec<u8>,
+    /// Cosine similarity at or above which the faces are the same person (default SIM_THRESHOLD).
+    threshold: Option<f32>,
+}
+
+/// `GET /api/face` query.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ListQuery {
+    /// 1 to 1000 (default 50).
+    pub limit: Option<usize>,
+    /// Records to skip (default 0).
+    pub offset: Option<usize>,
+}
+
+/// Multipart parts by name (the last one wins).
+async fn form_parts(form: Form) -> Result<HashMap<String, Part>, ApiError> {
+    Ok(form.parts().await?.into_iter().map(|p| (p.name.clone(), p)).collect())
+}
+
+fn required<'a>(parts: &'a HashMap<String, Part>, name: &str) -> Result<&'a Bytes, ApiError> {
+    parts.get(name).map(|p| &p.bytes).ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, format!("the form has no `{name}` field")))
+}
+
+fn text(parts: &HashMap<String, Part>, name: &str) -> Result<Option<String>, ApiError> {
+    parts
+        .get(name)
+        .map(|p| String::from_utf8(p.bytes.to_vec()).map(|s| s.trim().to_string()))
+        .transpose()
+        .map_err(|_| ApiError::new(ErrorCode::InvalidRequest, format!("`{name}` is not UTF-8 text")))
+}
+
+fn number<T: std::str::FromStr>(parts: &HashMap<String, Part>, name: &str) -> Result<Option<T>, ApiError> {
+    match text(parts, name)? {
+        None => Ok(None),
+        Some(s) if s.is_empty() => Ok(None),
+        Some(s) => {
+            s.parse().map(Some).map_err(|_| ApiError::new(ErrorCode::InvalidRequest, format!("`{name}` must be a number, got '{s}'")))
+        }
+    }
+}
+
+/// Every face of `bytes`, most prominent first; 422 when there is none.
+async fn faces_of(st: &AppState, bytes: &Bytes, what: &str) -> Result<(Vec<Face>, ImageKind), ApiError> {
+    let analysis = st.engine.analyze(bytes.to_vec()).await?;
+    let mut faces = analysis.faces;
+    let Some(best) = most_prominent(&faces) else {
+        return Err(ApiError::new(ErrorCode::NoFaceDetected, format!("no face detected in {what}")));
+    };
+    let first = faces.remove(best);
+    faces.sort_by(|a, b| b.area().total_cmp(&a.area()).then(b.det_score.total_cmp(&a.det_score)));
+    faces.insert(0, first);
+    Ok((faces, analysis.kind))
+}
+
+fn face_out(f: Face) -> FaceOut {
+    FaceOut { bbox: f.bbox, landmarks: f.kps, det_score: f.det_score, embedding: f.embedding, found_by: f.found_by }
+}
+
+/// Embed an image.
+///
+/// The most prominent face's embedding, and every face with its box, landmarks, score and embedding.
+#[utoipa::path(
+    post,
+    path = "/api/face/encode",
+    tag = "faces",
+    request_body(content = ImageForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "Faces found", body = EncodeResponse),
+        (status = 400, description = "No `image`, or not an image (`invalid_request`, `invalid_image`)", body = ErrorBody),
+        (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
+        (status = 413, description = "Too large (`payload_too_large`, `image_too_large`)", body = ErrorBody),
+        (status = 422, description = "No face (`no_face_detected`)", body = ErrorBody),
+        (status = 429, description = "Inference queue full (`overloaded`)", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+pub async fn encode(State(st): State<Arc<AppState>>, form: Form) -> Result<Json<EncodeResponse>, ApiError> {
+    let parts = form_parts(form).await?;
+    let (faces, _) = faces_of(&st, required(&parts, "image")?, "the image").await?;
+    let faces: Vec<FaceOut> = faces.into_iter().map(face_out).collect();
+    Ok(Json(EncodeResponse { embedding: faces[0].embedding.clone(), faces, model_id: st.engine.info().model_id.clone() }))
+}
+
+/// Register a face.
+///
+/// Stores a record for the image's most prominent face: its vector, the display name, and
+/// the image itself (served at `image_url`). Answers the record, without the vector.
+#[utoipa::path(
+    post,
+    path = "/api/face/register",
+    tag = "faces",
+    request_body(content = RegisterForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 201, description = "Registered", body = FaceView),
+        (status = 400, description = "Missing or bad field, or not an image (`invalid_request`, `invalid_username`, `invalid_image`)", body = ErrorBody),
+        (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
+        (status = 413, description = "Too large (`payload_too_large`, `image_too_large`)", body = ErrorBody),
+        (status = 422, description = "No face (`no_face_detected`)", body = ErrorBody),
+        (status = 429, description = "Inference queue full (`overloaded`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable; nothing stored (`store_unavailable`)", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+pub async fn register(State(st): State<Arc<AppState>>, form: Form) -> Result<(StatusCode, Json<FaceView>), ApiError> {
+    let parts = form_parts(form).await?;
+    let display_name =
+        text(&parts, "displayName")?.ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the form has no `displayName` field"))?;
+    super::extract::validate_name("displayName", &display_name)?;
+    let image = required(&parts, "image")?;
+    if image.len() > MAX_STORED_IMAGE {
+        return Err(ApiError::new(ErrorCode::ImageTooLarge, format!("images kept by register are at most {} bytes", MAX_STORED_IMAGE)));
+    }
+    let (faces, kind) = faces_of(&st, image, "the image").await?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let record = FaceRecord {
+        image_url: format!("/api/face/{id}/image"),
+        id,
+        display_name,
+        inserted_at: SystemTime::now(),
+        face_vec: faces[0].embedding.clone(),
+        model_id: st.engine.info().model_id.clone(),
+    };
+    let stored = StoredImage { bytes: image.to_vec(), content_type: content_type(kind).into() };
+    {
+        let _w = st.writes.lock().await;
+        st.faces.insert_face(&record, &stored).await?;
+        st.face_index.insert(&record);
+    }
+    Ok((StatusCode::CREATED, Json(FaceView::from(&record))))
+}
+
+fn content_type(kind: ImageKind) -> &'static str {
+    match kind {
+        ImageKind::Jpeg => "image/jpeg",
+        ImageKind::Png => "image/png",
+        ImageKind::Webp => "image/webp",
+        ImageKind::Bmp => "image/bmp",
+    }
+}
+
+/// Search registered faces.
+///
+/// The records whose cosine distance to the query's most prominent face is below
+/// `threshold`, closest first, at most `topK`. No match is an empty list.
+#[utoipa::path(
+    post,
+    path = "/api/face/search",
+    tag = "faces",
+    request_body(content = SearchForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "Matches, closest first (possibly none)", body = [SearchHit]),
+        (status = 400, description = "Missing or bad field, or not an image (`invalid_request`, `invalid_image`)", body = ErrorBody),
+        (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
+        (status = 413, description = "Too large (`payload_too_large`, `image_too_large`)", body = ErrorBody),
+        (status = 422, description = "No face in the query (`no_face_detected`)", body = ErrorBody),
+        (status = 429, description = "Inference queue full (`overloaded`)", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+pub async fn search(State(st): State<Arc<AppState>>, form: Form) -> Result<Json<Vec<SearchHit>>, ApiError> {
+    let parts = form_parts(form).await?;
+    let top_k: u32 = number(&parts, "topK")?.unwrap_or(5);
+    let threshold: f32 = number(&parts, "threshold")?.unwrap_or(0.35);
+    if !(1..=100).contains(&top_k) {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "`topK` must be between 1 and 100"));
+    }
+    if !(0.0..=2.0).contains(&threshold) {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "`threshold` is a cosine distance between 0 and 2"));
+    }
+    let image = required(&parts, "image")?;
+    let (faces, _) = faces_of(&st, image, "the query image").await?;
+    Ok(Json(st.face_index.search(&faces[0].embedding, top_k as usize, threshold)))
+}
+
+/// A registered face.
+#[utoipa::path(
+    get,
+    path = "/api/face/{id}",
+    tag = "faces",
+    params(("id" = String, Path, description = "Record id")),
+    responses(
+        (status = 200, description = "The record", body = FaceView),
+        (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "No such record (`face_not_found`)", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+pub async fn get_face(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<FaceView>, ApiError> {
+    let record = st.faces.get_face(&id).await?.ok_or_else(|| face_not_found(&id))?;
+    Ok(Json(FaceView::from(&record)))
+}
+
+fn face_not_found(id: &str) -> ApiError {
+    ApiError::new(ErrorCode::FaceNotFound, format!("no face record '{id}'"))
+}
+
+/// A registered face's image.
+#[utoipa::path(
+    get,
+    path = "/api/face/{id}/image",
+    tag = "faces",
+    params(("id" = String, Path, description = "Record id")),
+    responses(
+        (status = 200, description = "The image as registered", content_type = "image/*", body = Vec<u8>),
+        (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "No such record (`face_not_found`)", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+pub async fn get_face_image(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let image = st.faces.get_face_image(&id).await?.ok_or_else(|| face_not_found(&id))?;
+    let ct = HeaderValue::from_str(&image.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    Ok(([(header::CONTENT_TYPE, ct), (header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=3600"))], image.bytes)
+        .into_response())
+}
+
+/// Registered faces, oldest first.
+#[utoipa::path(
+    get,
+    path = "/api/face",
+    tag = "faces",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of records", body = FaceList),
+        (status = 400, description = "Bad `limit` or `offset` (`invalid_request`)", body = ErrorBody),
+        (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+pub async fn list_faces(
+    State(st): State<Arc<AppState>>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<FaceList>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("bad query: {}", e.body_text())))?;
+    let limit = q.limit.unwrap_or(50);
+    let offset = q.offset.unwrap_or(0);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "`limit` must be between 1 and 1000"));
+    }
+    let (records, total) = st.faces.list_faces(limit, offset).await?;
+    Ok(Json(FaceList { items: records.iter().map(FaceView::from).collect(), total, limit, offset }))
+}
+
+/// Delete a registered face: record, image and vector.
+#[utoipa::path(
+    delete,
+    path = "/api/face/{id}",
+    tag = "faces",
+    params(("id" = String, Path, description = "Record id")),
+    responses(
+        (status = 200, description = "Deleted", body = FaceDeleted),
+        (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "No such record (`face_not_found`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable; nothing changed (`store_unavailable`)", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+pub async fn delete_face(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<FaceDeleted>, ApiError> {
+    {
+        let _w = st.writes.lock().await;
+        if !st.faces.delete_face(&id).await? {
+            return Err(face_not_found(&id));
+        }
+        st.face_index.remove(&id);
+    }
+    Ok(Json(FaceDeleted { status: "deleted".into(), id }))
+}
+
+/// Are two photos of the same person?
+///
+/// Cosine similarity of the two images' most prominent faces, and the decision at `threshold`.
+#[utoipa::path(
+    post,
+    path = "/api/face/verify",
+    tag = "faces",
+    request_body(content = VerifyForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "Similarity and decision", body = VerifyResponse),
+        (status = 400, description = "Missing or bad field, or not an image (`invalid_request`, `invalid_image`)", body = ErrorBody),
+        (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
+        (status = 413, description = "Too large (`payload_too_large`, `image_too_large`)", body = ErrorBody),
+        (status = 422, description = "No face in one of the images (`no_face_detected`)", body = ErrorBody),
+        (status = 429, description = "Inference queue full (`overloaded`)", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+pub async fn verify(State(st): State<Arc<AppState>>, form: Form) -> Result<Json<VerifyResponse>, ApiError> {
+    let parts = form_parts(form).await?;
+    let threshold: f32 = number(&parts, "threshold")?.unwrap_or(st.sim_threshold);
+    if !(-1.0..=1.0).contains(&threshold) {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "`threshold` is a cosine similarity between -1 and 1"));
+    }
+    let (a, b) = (required(&parts, "image1")?, required(&parts, "image2")?);
+    let (fa, fb) = tokio::join!(faces_of(&st, a, "image1"), faces_of(&st, b, "image2"));
+    let (fa, fb) = (fa?.0, fb?.0);
+    let similarity = cosine(&fa[0].embedding, &fb[0].embedding);
+    Ok(Json(VerifyResponse { similarity, distance: 1.0 - similarity, threshold, same_person: similarity >= threshold }))
+}
+
+/// Face records in memory for search: the vectors in a gallery keyed by id, the display
+/// names beside them.
+#[derive(Debug)]
+pub struct FaceIndex {
+    vectors: crate::gallery::Gallery,
+    names: std::sync::RwLock<HashMap<String, String>>,
+}
+
+impl FaceIndex {
+    pub fn new(dim: usize) -> FaceIndex {
+        FaceIndex { vectors: crate::gallery::Gallery::new(dim), names: std::sync::RwLock::new(HashMap::new()) }
+    }
+
+    pub fn insert(&self, r: &FaceRecord) {
+        if self.vectors.upsert(&r.id, &r.face_vec)
+            && let Ok(mut n) = self.names.write()
+        {
+            n.insert(r.id.clone(), r.display_name.clone());
+        }
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.vectors.remove(id);
+        if let Ok(mut n) = self.names.write() {
+            n.remove(id);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.vectors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.vectors.is_empty()
+    }
+
+    /// Records within cosine distance `threshold` of `query`, closest first, at most `k`.
+    pub fn search(&self, query: &[f32], k: usize, threshold: f32) -> Vec<SearchHit> {
+        let hits = self.vectors.top_k(query, k);
+        let names = self.names.read().unwrap_or_else(|p| p.into_inner());
+        hits.into_iter()
+            .filter(|m| 1.0 - m.score < threshold)
+            .map(|m| SearchHit {
+                image_url: format!("/api/face/{}/image", m.name),
+                display_name: names.get(&m.name).cloned().unwrap_or_default(),
+                id: m.name,
+                score: m.score,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,85 @@
+//! Face records of the second API (`/api/face/*`): one registered face each, with its
+//! display name, its vector and the image it came from. Its own trait beside `FaceStore`,
+//! implemented by the same stores; the schema is the other API's (`faces`: id,
+//! display_name, image_url, face_vec, inserted_at) plus the recognizer's id.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use super::{StoreError, rfc3339};
+
+/// A registered face.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaceRecord {
+    /// UUID v4, as text.
+    pub id: String,
+    pub display_name: String,
+    /// Where the image is served: `/api/face/<id>/image`.
+    pub image_url: String,
+    pub inserted_at: SystemTime,
+    /// L2-normalised embedding of the image's most prominent face.
+    pub face_vec: Vec<f32>,
+    pub model_id: String,
+}
+
+/// A stored image and its media type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredImage {
+    pub bytes: Vec<u8>,
+    pub content_type: String,
+}
+
+/// What the API shows of a record (no vector).
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"id": "3f6c1a52-9d1e-4b8e-a0a4-0d3b8f1f2c11", "display_name": "Alice Martin", "image_url": "/api/face/3f6c1a52-9d1e-4b8e-a0a4-0d3b8f1f2c11/image", "inserted_at": "2026-11-22T08:00:00.000Z"}))]
+pub struct FaceView {
+    pub id: String,
+    pub display_name: String,
+    pub image_url: String,
+    /// RFC 3339, UTC.
+    pub inserted_at: String,
+}
+
+impl From<&FaceRecord> for FaceView {
+    fn from(r: &FaceRecord) -> Self {
+        FaceView {
+            id: r.id.clone(),
+            display_name: r.display_name.clone(),
+            image_url: r.image_url.clone(),
+            inserted_at: rfc3339(r.inserted_at),
+        }
+    }
+}
+
+/// Records loaded at start.
+#[derive(Debug, Clone, Default)]
+pub struct LoadedFaces {
+    /// Records of the recognizer in use.
+    pub faces: Vec<FaceRecord>,
+    /// Records of another recognizer: kept, not searched.
+    pub other_model: usize,
+    /// Records with a malformed vector: skipped with a warning.
+    pub malformed: usize,
+}
+
+/// Durable storage of face records and their images.
+#[async_trait::async_trait]
+pub trait FaceRecordStore: Send + Sync + 'static {
+    /// Every record of `model_id` (vectors included, images not).
+    async fn load_faces(&self, model_id: &str) -> Result<LoadedFaces, StoreError>;
+
+    /// Stores a record and its image together (both or neither).
+    async fn insert_face(&self, record: &FaceRecord, image: &StoredImage) -> Result<(), StoreError>;
+
+    async fn get_face(&self, id: &str) -> Result<Option<FaceRecord>, StoreError>;
+
+    /// The record's image.
+    async fn get_face_image(&self, id: &str) -> Result<Option<StoredImage>, StoreError>;
+
+    /// Records oldest first, `limit` from `offset`, and the total count.
+    async fn list_faces(&self, limit: usize, offset: usize) -> Result<(Vec<FaceRecord>, usize), StoreError>;
+
+    /// Removes a record and its image; false if there was none.
+    async fn delete_face(&self, id: &str) -> Result<bool, StoreError>;
+}

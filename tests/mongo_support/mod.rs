@@ -1,0 +1,544 @@
+//! A real MongoDB wire-protocol server for the tests: SecantusDB from PyPI, installed by the
+//! harness itself into `target/secantus-venv` (once; a lock file keeps parallel test binaries
+//! from racing), started on a free port, stopped and restarted on the same storage path, and
+//! killed when the test binary ends (a watchdog thread in the server's own process notices
+//! its parent is gone). Also: pymongo from the same venv for raw documents, the real
+//! `facerec` binary pointed at a database, and a small HTTP client. Every wait is bounded.
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// What the harness installs (pymongo: the version SecantusDB 0.7.0b3 resolves to).
+pub const REQUIREMENTS: &[&str] = &["SecantusDB==0.7.0b3", "pymongo==4.20.0"];
+/// The install (first run only) may download about 60 MB of wheels.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
+const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
+const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(20);
+pub const FACEREC_START_TIMEOUT: Duration = Duration::from_secs(120);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).parent().map_or_else(|| manifest_dir().join("target"), Path::to_path_buf)
+}
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    fs::read(manifest_dir().join("tests/fixtures").join(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+}
+
+/// A fresh folder, removed on drop unless the test failed (then kept, for its logs).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!("facerec-mongo-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        TempDir(dir)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {} for inspection", self.0.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Runs a command to completion within `limit`, its output in `log`; panics with the log's
+/// tail on failure or timeout.
+fn run_bounded(cmd: &mut Command, limit: Duration, log: &Path, what: &str) {
+    let out = File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+    let err = out.try_clone().expect("log handle");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    if !status.is_some_and(|s| s.success()) {
+        panic!("{what} failed ({status:?}); its output ends with:\n{}", tail(log, 4000));
+    }
+}
+
+pub fn tail(path: &Path, max: usize) -> String {
+    let bytes = fs::read(path).unwrap_or_default();
+    String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(max)..]).into_owned()
+}
+
+/// The venv's python, SecantusDB and pymongo installed in it (on first use).
+pub fn python() -> PathBuf {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(install).clone()
+}
+
+fn install() -> PathBuf {
+    let venv = target_dir().join("secantus-venv");
+    let python = venv.join("bin/python");
+    let marker = venv.join(".facerec-installed");
+    let wanted = REQUIREMENTS.join(" ");
+    let done = || fs::read_to_string(&marker).is_ok_and(|m| m == wanted) && python.exists();
+    if done() {
+        return python;
+    }
+    fs::create_dir_all(target_dir()).expect("target dir");
+    let lock_path = target_dir().join("secantus-venv.lock");
+    let lock = File::create(&lock_path).unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
+    let deadline = Instant::now() + INSTALL_TIMEOUT + Duration::from_secs(60);
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => panic!("another test binary held {} too long: {e}", lock_path.display()),
+        }
+    }
+    if done() {
+        return python;
+    }
+    let host_python = std::env::var("FACEREC_PYTHON").unwrap_or_else(|_| "python3".into());
+    let log = target_dir().join("secantus-venv-install.log");
+    eprintln!("installing {wanted} into {} (first run only)", venv.display());
+    let mut pip_inside = true;
+    if !python.exists() {
+        let made = Command::new(&host_python).args(["-m", "venv"]).arg(&venv).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        if !made.is_ok_and(|s| s.success()) {
+            // No ensurepip (Debian without python3-venv): a venv without pip, filled by the
+            // interpreter's own pip through --python.
+            let _ = fs::remove_dir_all(&venv);
+            run_bounded(
+                Command::new(&host_python).args(["-m", "venv", "--without-pip"]).arg(&venv),
+                Duration::from_secs(120),
+                &log,
+                "python3 -m venv --without-pip",
+            );
+            pip_inside = false;
+        }
+    } else {
+        pip_inside = Command::new(&python).args(["-m", "pip", "--version"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    }
+    let mut pip = if pip_inside {
+        let mut c = Command::new(&python);
+        c.args(["-m", "pip"]);
+        c
+    } else {
+        let mut c = Command::new(&host_python);
+        c.args(["-m", "pip", "--python"]).arg(&python);
+        c
+    };
+    pip.args(["install", "--disable-pip-version-check", "--no-input", "--quiet"]).args(REQUIREMENTS);
+    run_bounded(&mut pip, INSTALL_TIMEOUT, &log, "pip install SecantusDB");
+    fs::write(&marker, &wanted).expect("install marker");
+    python
+}
+
+/// Runs `script` with the venv's python (pymongo importable), `input` on stdin; its stdout.
+pub fn pymongo(script: &str, input: &str) -> String {
+    let mut child = Command::new(python())
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python starts");
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("script input");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                panic!("pymongo script did not finish within 60 s");
+            }
+        }
+    }
+    let out = child.wait_with_output().expect("script output");
+    assert!(out.status.success(), "pymongo script failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Inserts `docs` (JSON: ints stay ints, floats become doubles) into `db.users`.
+pub fn insert_docs(uri: &str, docs: &serde_json::Value) {
+    let script = "import json, sys, pymongo\n\
+d = json.load(sys.stdin)\n\
+c = pymongo.MongoClient(d['uri'], serverSelectionTimeoutMS=10000)\n\
+c.get_default_database().users.insert_many(d['docs'])\n";
+    pymongo(script, &serde_json::json!({"uri": uri, "docs": docs}).to_string());
+}
+
+/// Every document of `db.users` as JSON (dates as `{"$date": ms}`, ints marked `{"$int": n}`
+/// so a test can tell them from doubles).
+pub fn dump_docs(uri: &str) -> Vec<serde_json::Value> {
+    let script = "import json, sys, datetime, pymongo\n\
+d = json.load(sys.stdin)\n\
+c = pymongo.MongoClient(d['uri'], serverSelectionTimeoutMS=10000)\n\
+def conv(v):\n\
+    if isinstance(v, bool): return v\n\
+    if isinstance(v, int): return {'$int': v}\n\
+    if isinstance(v, float): return v\n\
+    if isinstance(v, datetime.datetime): return {'$date': int(v.replace(tzinfo=datetime.timezone.utc).timestamp() * 1000)}\n\
+    if isinstance(v, list): return [conv(x) for x in v]\n\
+    if isinstance(v, dict): return {k: conv(x) for k, x in v.items()}\n\
+    if isinstance(v, str) or v is None: return v\n\
+    return str(v)\n\
+print(json.dumps([conv(x) for x in c.get_default_database().users.find({}, sort=[('username', 1)])]))\n";
+    let out = pymongo(script, &serde_json::json!({"uri": uri}).to_string());
+    serde_json::from_str(&out).expect("dump is JSON")
+}
+
+/// A SecantusDB server process.
+pub struct Secantus {
+    child: Option<Child>,
+    pub port: u16,
+    pub storage: PathBuf,
+    standalone: bool,
+    log: PathBuf,
+}
+
+/// Runs the server inside a python process that also watches its parent (the test binary)
+/// and stops itself when the parent is gone, so no server outlives a test run.
+const WRAPPER: &str = "import os, signal, sys, threading, time\n\
+parent = os.getppid()\n\
+def watch():\n\
+    while True:\n\
+        time.sleep(0.5)\n\
+        if os.getppid() != parent:\n\
+            os.kill(os.getpid(), signal.SIGTERM)\n\
+            time.sleep(10)\n\
+            os._exit(0)\n\
+threading.Thread(target=watch, daemon=True).start()\n\
+from secantus.cli import main\n\
+sys.argv = ['secantusd-py'] + sys.argv[1:]\n\
+sys.exit(main())\n";
+
+impl Secantus {
+    /// Starts a server on a free port with its data under `storage`. `standalone`: no
+    /// replica-set advertisement, hence no change streams (as a standalone mongod).
+    pub fn start(storage: &Path, standalone: bool) -> Secantus {
+        fs::create_dir_all(storage).expect("storage dir");
+        let mut s = Secantus {
+            child: None,
+            port: free_port(),
+            storage: storage.to_path_buf(),
+            standalone,
+            log: storage.with_extension("log"),
+        };
+        s.spawn();
+        s
+    }
+
+    /// The one server this test binary shares between its tests (each test uses its own database).
+    pub fn shared() -> &'static Secantus {
+        static SHARED: OnceLock<Secantus> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let storage = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("secantus-shared-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&storage);
+            Secantus::start(&storage, false)
+        })
+    }
+
+    fn spawn(&mut self) {
+        let log = File::options().create(true).append(true).open(&self.log).expect("server log");
+        let mut cmd = Command::new(python());
+        cmd.args(["-c", WRAPPER, "--host", "127.0.0.1", "--port", &self.port.to_string(), "--log-level", "WARNING", "--storage-path"])
+            .arg(&self.storage);
+        if self.standalone {
+            cmd.arg("--standalone");
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("log handle")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("secantusd starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + SERVER_START_TIMEOUT;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("secantusd exited ({status}); its log:\n{}", tail(&self.log, 4000));
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "secantusd did not listen within {SERVER_START_TIMEOUT:?}; log:\n{}", tail(&self.log, 4000));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL past the limit); its port stops answering.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + SERVER_STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Starts it again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn uri(&self, db: &str) -> String {
+        format!("mongodb://127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for Secantus {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The real `facerec` binary on a MongoDB database, listening on 127.0.0.1. Killed on drop.
+pub struct Facerec {
+    child: Option<Child>,
+    pub port: u16,
+    stderr_path: PathBuf,
+}
+
+impl Facerec {
+    /// Starts the binary in `dir` with `MONGO_URI=uri` (and `extra` variables) and waits until
+    /// /health answers.
+    pub fn start(dir: &Path, uri: &str, extra: &[(&str, &str)]) -> Facerec {
+        let mut last = String::new();
+        for attempt in 0..3 {
+            let port = free_port();
+            let (child, stderr_path) = Facerec::spawn(dir, uri, port, extra, attempt);
+            let mut f = Facerec { child: Some(child), port, stderr_path };
+            let deadline = Instant::now() + FACEREC_START_TIMEOUT;
+            loop {
+                if let Some(status) = f.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    f.child = None;
+                    last = format!("facerec exited before it was ready ({status}):\n{}", f.stderr());
+                    break;
+                }
+                if request(port, "GET", "/health", None, b"", Duration::from_secs(5)).is_ok_and(|r| r.status == 200) {
+                    return f;
+                }
+                assert!(Instant::now() < deadline, "facerec did not answer /health within {FACEREC_START_TIMEOUT:?}:\n{}", f.stderr());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if !last.contains("cannot listen") {
+                break;
+            }
+        }
+        panic!("{last}");
+    }
+
+    /// Spawns the binary without waiting (for start-up failure tests).
+    pub fn spawn(dir: &Path, uri: &str, port: u16, extra: &[(&str, &str)], attempt: u32) -> (Child, PathBuf) {
+        let stderr_path = dir.join(format!("facerec-{port}-{attempt}.stderr"));
+        let stderr = File::create(&stderr_path).expect("stderr file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_facerec"));
+        cmd.current_dir(dir)
+            .env("HOST", "127.0.0.1")
+            .env("PORT", port.to_string())
+            .env("MONGO_URI", uri)
+            .env("MONGO_OP_TIMEOUT", "1s")
+            .env("DATABASE_PATH", dir.join("faces.db"))
+            .env("LOG_FILE", dir.join("logs.txt"))
+            .env("PHOTO_DIR", dir.join("photo"))
+            .env("MODEL_CACHE_DIR", std::env::var_os("MODEL_CACHE_DIR").map_or_else(|| manifest_dir().join("models"), PathBuf::from))
+            .env("MODEL_PACK", "buffalo_sc")
+            .env("EXECUTION_PROVIDER", "cpu")
+            .env("SIM_THRESHOLD", "0.3")
+            .env("RUST_LOG", "info,ort=warn,facerec::store=debug")
+            .env("INTRA_THREADS", "1");
+        for var in ["JWT_SECRET_KEY", "API_KEYS", "DET_SIZE", "WORKERS", "QUEUE_SIZE", "MAX_BODY_BYTES", "MONGO_FOLLOW", "MONGO_POLL_INTERVAL", "MONGO_CONNECT_TIMEOUT"] {
+            cmd.env_remove(var);
+        }
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(stderr)).spawn().expect("facerec starts");
+        (child, stderr_path)
+    }
+
+    pub fn stderr(&self) -> String {
+        tail(&self.stderr_path, 20_000)
+    }
+
+    pub fn call(&self, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> Response {
+        request(self.port, method, path, content_type, body, REQUEST_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}; facerec stderr:\n{}", self.stderr()))
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        self.call("GET", path, None, b"")
+    }
+
+    pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Response {
+        self.call("POST", path, Some("application/json"), body.to_string().as_bytes())
+    }
+
+    pub fn delete(&self, path: &str) -> Response {
+        self.call("DELETE", path, None, b"")
+    }
+
+    /// `POST /calculate_average_embedding` with these fixture photos.
+    pub fn enrol(&self, username: &str, photos: &[&str]) -> Response {
+        let boundary = "facerec-mongo-test-boundary";
+        let mut body = Vec::new();
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"username\"\r\n\r\n{username}\r\n").as_bytes());
+        for name in photos {
+            body.extend_from_slice(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: image/jpeg\r\n\r\n")
+                    .as_bytes(),
+            );
+            body.extend_from_slice(&fixture(name));
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        self.call("POST", "/calculate_average_embedding", Some(&format!("multipart/form-data; boundary={boundary}")), &body)
+    }
+
+    /// `POST /recognize` of one photo: (name, similarity).
+    pub fn recognize(&self, photo: &str) -> (String, f64) {
+        use base64::Engine as _;
+        let crop = base64::engine::general_purpose::STANDARD.encode(fixture(photo));
+        let r = self.post_json("/recognize", &serde_json::json!({"camera": "test", "bboxes": [{"bbox": [0, 0, 1, 1], "crop": crop}]}));
+        assert_eq!(r.status, 200, "recognize: {}", r.text());
+        let entry = &r.json()["meta"]["bboxes"][0];
+        (entry["name"].as_str().unwrap_or_default().to_owned(), entry["similarity"].as_f64().unwrap_or(f64::NAN))
+    }
+
+    /// Graceful stop (SIGTERM, bounded), then kill.
+    pub fn stop(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Facerec {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An HTTP answer.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// One HTTP/1.1 exchange (`Connection: close`; axum answers with a content length).
+pub fn request(port: u16, method: &str, path: &str, content_type: Option<&str>, body: &[u8], timeout: Duration) -> std::io::Result<Response> {
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
+    let mut stream = TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), timeout.min(Duration::from_secs(5)))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if let Some(ct) = content_type {
+        head.push_str(&format!("Content-Type: {ct}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no end of headers"))?;
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad status line"))?;
+    let mut body = raw[end + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body).ok_or_else(|| bad("bad chunked body"))?;
+    }
+    Ok(Response { status, body })
+}
+
+fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line = data.windows(2).position(|w| w == b"\r\n")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..line]).ok()?.split(';').next()?.trim(), 16).ok()?;
+        data = &data[line + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+/// Polls `f` every 20 ms until it returns true or `limit` passes; the time it took.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        if f() {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

