@@ -200,9 +200,7 @@ impl ServeConfig {
         }
         Ok(())
     }
-}
 
-impl ServeConfig {
     /// The MongoDB store's settings.
     pub fn mongo_options(&self) -> MongoOptions {
         MongoOptions {

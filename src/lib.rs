@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod eval;

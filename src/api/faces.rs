@@ -5,12 +5,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -180,7 +180,14 @@ fn number<T: std::str::FromStr>(parts: &HashMap<String, Part>, name: &str) -> Re
 
 /// Every face of `bytes`, most prominent first; 422 when there is none.
 async fn faces_of(st: &AppState, bytes: &Bytes, what: &str) -> Result<(Vec<Face>, ImageKind), ApiError> {
+    faces_timed(st, bytes, what).await.map(|(f, k, _)| (f, k))
+}
+
+/// As [`faces_of`], with the queue and inference times (decode, detect, align, embed).
+async fn faces_timed(st: &AppState, bytes: &Bytes, what: &str) -> Result<(Vec<Face>, ImageKind, (Duration, Duration)), ApiError> {
     let analysis = st.engine.analyze(bytes.to_vec()).await?;
+    let t = analysis.times;
+    let timing = (analysis.queued, t.decode + t.detect + t.align + t.embed);
     let mut faces = analysis.faces;
     let Some(best) = most_prominent(&faces) else {
         return Err(ApiError::new(ErrorCode::NoFaceDetected, format!("no face detected in {what}")));
@@ -188,7 +195,19 @@ async fn faces_of(st: &AppState, bytes: &Bytes, what: &str) -> Result<(Vec<Face>
     let first = faces.remove(best);
     faces.sort_by(|a, b| b.area().total_cmp(&a.area()).then(b.det_score.total_cmp(&a.det_score)));
     faces.insert(0, first);
-    Ok((faces, analysis.kind))
+    Ok((faces, analysis.kind, timing))
+}
+
+/// `x-queue-time`, `x-inference-time` and `x-search-time` headers, in milliseconds.
+pub fn timing_headers(queue: Duration, inference: Duration, search: Option<Duration>) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    let ms = |d: Duration| HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1000.0)).unwrap_or(HeaderValue::from_static("0"));
+    h.insert("x-queue-time", ms(queue));
+    h.insert("x-inference-time", ms(inference));
+    if let Some(d) = search {
+        h.insert("x-search-time", ms(d));
+    }
+    h
 }
 
 fn face_out(f: Face) -> FaceOut {
@@ -287,7 +306,8 @@ fn content_type(kind: ImageKind) -> &'static str {
     tag = "faces",
     request_body(content = SearchForm, content_type = "multipart/form-data"),
     responses(
-        (status = 200, description = "Matches, closest first (possibly none)", body = [SearchHit]),
+        (status = 200, description = "Matches, closest first (possibly none)", body = [SearchHit],
+            headers(("x-queue-time" = String, description = "ms waiting for inference"), ("x-inference-time" = String, description = "ms of decode + detect + align + embed"), ("x-search-time" = String, description = "ms of the gallery search"))),
         (status = 400, description = "Missing or bad field, or not an image (`invalid_request`, `invalid_image`)", body = ErrorBody),
         (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
         (status = 413, description = "Too large (`payload_too_large`, `image_too_large`)", body = ErrorBody),
@@ -296,7 +316,7 @@ fn content_type(kind: ImageKind) -> &'static str {
     ),
     security(("bearer" = []), ("api_key" = []))
 )]
-pub async fn search(State(st): State<Arc<AppState>>, form: Form) -> Result<Json<Vec<SearchHit>>, ApiError> {
+pub async fn search(State(st): State<Arc<AppState>>, form: Form) -> Result<(HeaderMap, Json<Vec<SearchHit>>), ApiError> {
     let parts = form_parts(form).await?;
     let top_k: u32 = number(&parts, "topK")?.unwrap_or(5);
     let threshold: f32 = number(&parts, "threshold")?.unwrap_or(0.35);
@@ -307,8 +327,10 @@ pub async fn search(State(st): State<Arc<AppState>>, form: Form) -> Result<Json<
         return Err(ApiError::new(ErrorCode::InvalidRequest, "`threshold` is a cosine distance between 0 and 2"));
     }
     let image = required(&parts, "image")?;
-    let (faces, _) = faces_of(&st, image, "the query image").await?;
-    Ok(Json(st.face_index.search(&faces[0].embedding, top_k as usize, threshold)))
+    let (faces, _, (queued, inference)) = faces_timed(&st, image, "the query image").await?;
+    let started = Instant::now();
+    let hits = st.face_index.search(&faces[0].embedding, top_k as usize, threshold);
+    Ok((timing_headers(queued, inference, Some(started.elapsed())), Json(hits)))
 }
 
 /// A registered face.

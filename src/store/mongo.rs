@@ -33,7 +33,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures_util::{FutureExt, StreamExt, TryStreamExt};
+use futures_util::{StreamExt, TryStreamExt};
 use mongodb::bson::{self, Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf, doc};
 use mongodb::change_stream::ChangeStream;
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
@@ -242,9 +242,17 @@ impl MongoStore {
         self.bounded("reading a user", self.coll.find_one(doc! {"username": username}).into_future()).await
     }
 
-    /// Opens a change stream on the collection; `Ok(None)` when the server has none to offer.
+    /// Opens a change stream on the collection; `Ok(None)` when the server has none to offer
+    /// or refuses one (a user without the `changeStream` privilege): then replicas poll.
     async fn open_stream(&self) -> Result<Option<EventStream>, StoreError> {
-        open_stream(&self.coll, None).await.map(|s| s.map(|(s, _)| s)).map_err(|e| store_err("opening a change stream", &e))
+        match open_stream(&self.coll, None).await {
+            Ok(s) => Ok(s.map(|(s, _)| s)),
+            Err(e) if is_unavailable(&e) => Err(store_err("opening a change stream", &e)),
+            Err(e) => {
+                tracing::warn!("mongo store: no change stream on {COLLECTION} ({}); polling instead", one_line(&e));
+                Ok(None)
+            }
+        }
     }
 }
 
@@ -327,13 +335,8 @@ impl FaceStore for MongoStore {
 
     async fn list_users(&self) -> Result<Vec<UserSummary>, StoreError> {
         let projection = doc! {"_id": 0, "username": 1, "samples": 1, MODEL_FIELD: 1, "updated_at": 1};
-        let mut cursor = self
-            .coll
-            .find(doc! {})
-            .projection(projection)
-            .sort(doc! {"username": 1})
-            .await
-            .map_err(|e| store_err("listing users", &e))?;
+        let mut cursor =
+            self.coll.find(doc! {}).projection(projection).sort(doc! {"username": 1}).await.map_err(|e| store_err("listing users", &e))?;
         let mut out = Vec::new();
         while let Some(raw) = cursor.try_next().await.map_err(|e| store_err("listing users", &e))? {
             let Some(username) = str_of(&raw, "username") else { continue };
@@ -368,7 +371,8 @@ impl FaceStore for MongoStore {
         let images = i64::try_from(embeddings.len()).map_err(|_| StoreError::Internal("too many embeddings".into()))?;
         let pipeline = enroll_pipeline(&sum, images, model_id);
         // Refuses (writes nothing to) a document whose template came from another recognizer.
-        let filter = doc! {"username": username, "$nor": [{MODEL_FIELD: {"$type": "string", "$ne": model_id}, "embeddings.0": {"$exists": true}}]};
+        let filter =
+            doc! {"username": username, "$nor": [{MODEL_FIELD: {"$type": "string", "$ne": model_id}, "embeddings.0": {"$exists": true}}]};
         for _ in 0..3 {
             let op = self.coll.find_one_and_update(filter.clone(), pipeline.clone()).return_document(ReturnDocument::After).into_future();
             if let Some(raw) = self.bounded("enrolling", op).await? {
@@ -406,7 +410,15 @@ impl FaceStore for MongoStore {
             // Never loaded: start from a full compare.
             None => (self.initial_source().await?, HashMap::new(), true),
         };
-        let mut feed = MongoFeed { coll: self.coll.clone(), op_timeout: self.opts.op_timeout, source, known, pending: HashMap::new(), resync };
+        let mut feed = MongoFeed {
+            coll: self.coll.clone(),
+            op_timeout: self.opts.op_timeout,
+            poll_interval: self.opts.poll_interval,
+            source,
+            known,
+            pending: HashMap::new(),
+            resync,
+        };
         if let Source::Stream { stream: Some(s), token } = &mut feed.source {
             *token = s.resume_token();
         }
@@ -448,6 +460,8 @@ enum Source {
 pub struct MongoFeed {
     coll: Collection<RawDocumentBuf>,
     op_timeout: Duration,
+    /// For polling, also when the server stops offering change streams.
+    poll_interval: Duration,
     source: Source,
     /// Every document seen, by `_id`: deletions only give an `_id`, and polling compares stamps.
     known: HashMap<IdKey, Entry>,
@@ -518,20 +532,13 @@ impl MongoFeed {
                 let Some(s) = stream.as_mut() else {
                     return self.reopen().await;
                 };
+                // One event at a time: the driver's stream must not be left with a poll in
+                // flight (reading its resume token then panics), so no draining with
+                // `now_or_never`. Events that arrive while the follower reads are buffered.
                 match s.next().await {
                     Some(Ok(event)) => {
-                        let mut events = vec![event];
-                        // Whatever else is already here, in the same batch.
-                        while events.len() < 1000 {
-                            match s.next().now_or_never() {
-                                Some(Some(Ok(event))) => events.push(event),
-                                _ => break,
-                            }
-                        }
                         *token = s.resume_token();
-                        for event in events {
-                            self.on_event(event);
-                        }
+                        self.on_event(event);
                         Ok(())
                     }
                     Some(Err(e)) => {
@@ -564,7 +571,7 @@ impl MongoFeed {
             }
             Ok(None) => {
                 tracing::warn!("mongo store: the server no longer offers change streams; polling instead");
-                self.source = Source::Poll { interval: Duration::from_millis(500), watermark: None, last_full: Instant::now() };
+                self.source = Source::Poll { interval: self.poll_interval, watermark: None, last_full: Instant::now() };
                 self.resync = true;
                 Ok(())
             }
@@ -607,20 +614,20 @@ impl MongoFeed {
         if let Source::Stream { stream: None, .. } = &self.source {
             match open_stream(&self.coll, None).await {
                 Ok(Some((s, t))) => self.source = Source::Stream { stream: Some(s), token: t },
-                Ok(None) => {
-                    self.source = Source::Poll { interval: Duration::from_millis(500), watermark: None, last_full: Instant::now() }
-                }
+                Ok(None) => self.source = Source::Poll { interval: self.poll_interval, watermark: None, last_full: Instant::now() },
                 Err(e) => return Err(store_err("opening a change stream", &e)),
             }
         }
         let projection = doc! {"_id": 1, "username": 1, "updated_at": 1};
-        let mut cursor = self.coll.find(doc! {}).projection(projection).batch_size(5000).await.map_err(|e| store_err("comparing users", &e))?;
+        let mut cursor =
+            self.coll.find(doc! {}).projection(projection).batch_size(5000).await.map_err(|e| store_err("comparing users", &e))?;
         let mut seen = HashSet::new();
         let mut newest = None;
         while let Some(raw) = cursor.try_next().await.map_err(|e| store_err("comparing users", &e))? {
             let Some((key, entry)) = entry_of(&raw) else { continue };
             newest = newest.max(entry.stamp);
-            let same = self.known.get(&key).is_some_and(|k| entry.stamp.is_some() && k.stamp == entry.stamp && k.username == entry.username);
+            let same =
+                self.known.get(&key).is_some_and(|k| entry.stamp.is_some() && k.stamp == entry.stamp && k.username == entry.username);
             if !same {
                 self.pending.insert(key.clone(), entry.id.clone());
             }
@@ -654,14 +661,13 @@ impl MongoFeed {
         };
         let projection = doc! {"_id": 1, "username": 1, "updated_at": 1};
         let limit = self.op_timeout * 2;
-        let found: Vec<RawDocumentBuf> = match tokio::time::timeout(limit, async {
-            self.coll.find(filter).projection(projection).await?.try_collect::<Vec<_>>().await
-        })
-        .await
-        {
-            Ok(r) => r.map_err(|e| store_err("polling users", &e))?,
-            Err(_) => return Err(StoreError::Unavailable(format!("polling users: no answer within {}", fmt_duration(limit)))),
-        };
+        let found: Vec<RawDocumentBuf> =
+            match tokio::time::timeout(limit, async { self.coll.find(filter).projection(projection).await?.try_collect::<Vec<_>>().await })
+                .await
+            {
+                Ok(r) => r.map_err(|e| store_err("polling users", &e))?,
+                Err(_) => return Err(StoreError::Unavailable(format!("polling users: no answer within {}", fmt_duration(limit)))),
+            };
         let mut newest = *watermark;
         for raw in &found {
             let Some((key, entry)) = entry_of(raw) else { continue };
@@ -691,10 +697,11 @@ impl MongoFeed {
         let old_names: Vec<String> = chunk.iter().filter_map(|(k, _)| self.known.get(k).and_then(|e| e.username.clone())).collect();
         let filter = doc! {"$or": [{"_id": {"$in": ids}}, {"username": {"$in": old_names.clone()}}]};
         let limit = self.op_timeout * 2;
-        let docs: Vec<RawDocumentBuf> = match tokio::time::timeout(limit, async { self.coll.find(filter).await?.try_collect::<Vec<_>>().await }).await {
-            Ok(r) => r.map_err(|e| store_err("reading changed users", &e))?,
-            Err(_) => return Err(StoreError::Unavailable(format!("reading changed users: no answer within {}", fmt_duration(limit)))),
-        };
+        let docs: Vec<RawDocumentBuf> =
+            match tokio::time::timeout(limit, async { self.coll.find(filter).await?.try_collect::<Vec<_>>().await }).await {
+                Ok(r) => r.map_err(|e| store_err("reading changed users", &e))?,
+                Err(_) => return Err(StoreError::Unavailable(format!("reading changed users: no answer within {}", fmt_duration(limit)))),
+            };
 
         let mut affected: HashSet<String> = old_names.into_iter().collect();
         let mut current: HashMap<String, &RawDocumentBuf> = HashMap::new();
@@ -832,9 +839,7 @@ fn check_new_embeddings(embeddings: &[Vec<f32>]) -> Result<(), StoreError> {
 }
 
 /// Codes of server errors that mean "not now": stepping down, shutting down, timeouts, locks.
-const UNAVAILABLE_CODES: &[i32] = &[
-    6, 7, 24, 46, 50, 89, 91, 112, 133, 134, 189, 262, 462, 9001, 10107, 11600, 11602, 13435, 13436,
-];
+const UNAVAILABLE_CODES: &[i32] = &[6, 7, 24, 46, 50, 89, 91, 112, 133, 134, 189, 262, 462, 9001, 10107, 11600, 11602, 13435, 13436];
 
 /// Whether an error means the database could not be reached or could not serve now (retry
 /// later), rather than a problem with the request or the data.

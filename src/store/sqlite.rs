@@ -131,7 +131,6 @@ fn configure(conn: &Connection, busy_timeout: Duration) -> Result<(), StoreError
         tracing::warn!("sqlite store: WAL journal not available (journal_mode is {mode}); writers will block readers");
     }
     conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql_err)?;
-    conn.pragma_update(None, "mmap_size", 1i64 << 40).map_err(sql_err)?;
     // For the tables to come (their rows will refer to `users` and go with it).
     conn.pragma_update(None, "foreign_keys", true).map_err(sql_err)?;
     Ok(())

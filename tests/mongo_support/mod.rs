@@ -148,7 +148,12 @@ fn install() -> PathBuf {
             pip_inside = false;
         }
     } else {
-        pip_inside = Command::new(&python).args(["-m", "pip", "--version"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+        pip_inside = Command::new(&python)
+            .args(["-m", "pip", "--version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
     }
     let mut pip = if pip_inside {
         let mut c = Command::new(&python);
@@ -193,29 +198,31 @@ pub fn pymongo(script: &str, input: &str) -> String {
 
 /// Inserts `docs` (JSON: ints stay ints, floats become doubles) into `db.users`.
 pub fn insert_docs(uri: &str, docs: &serde_json::Value) {
-    let script = "import json, sys, pymongo\n\
-d = json.load(sys.stdin)\n\
-c = pymongo.MongoClient(d['uri'], serverSelectionTimeoutMS=10000)\n\
-c.get_default_database().users.insert_many(d['docs'])\n";
+    let script = r#"import json, sys, pymongo
+d = json.load(sys.stdin)
+c = pymongo.MongoClient(d['uri'], serverSelectionTimeoutMS=10000)
+c.get_default_database().users.insert_many(d['docs'])
+"#;
     pymongo(script, &serde_json::json!({"uri": uri, "docs": docs}).to_string());
 }
 
 /// Every document of `db.users` as JSON (dates as `{"$date": ms}`, ints marked `{"$int": n}`
 /// so a test can tell them from doubles).
 pub fn dump_docs(uri: &str) -> Vec<serde_json::Value> {
-    let script = "import json, sys, datetime, pymongo\n\
-d = json.load(sys.stdin)\n\
-c = pymongo.MongoClient(d['uri'], serverSelectionTimeoutMS=10000)\n\
-def conv(v):\n\
-    if isinstance(v, bool): return v\n\
-    if isinstance(v, int): return {'$int': v}\n\
-    if isinstance(v, float): return v\n\
-    if isinstance(v, datetime.datetime): return {'$date': int(v.replace(tzinfo=datetime.timezone.utc).timestamp() * 1000)}\n\
-    if isinstance(v, list): return [conv(x) for x in v]\n\
-    if isinstance(v, dict): return {k: conv(x) for k, x in v.items()}\n\
-    if isinstance(v, str) or v is None: return v\n\
-    return str(v)\n\
-print(json.dumps([conv(x) for x in c.get_default_database().users.find({}, sort=[('username', 1)])]))\n";
+    let script = r#"import json, sys, datetime, pymongo
+d = json.load(sys.stdin)
+c = pymongo.MongoClient(d['uri'], serverSelectionTimeoutMS=10000)
+def conv(v):
+    if isinstance(v, bool): return v
+    if isinstance(v, int): return {'$int': v}
+    if isinstance(v, float): return v
+    if isinstance(v, datetime.datetime): return {'$date': int(v.replace(tzinfo=datetime.timezone.utc).timestamp() * 1000)}
+    if isinstance(v, list): return [conv(x) for x in v]
+    if isinstance(v, dict): return {k: conv(x) for k, x in v.items()}
+    if isinstance(v, str) or v is None: return v
+    return str(v)
+print(json.dumps([conv(x) for x in c.get_default_database().users.find({}, sort=[('username', 1)])]))
+"#;
     let out = pymongo(script, &serde_json::json!({"uri": uri}).to_string());
     serde_json::from_str(&out).expect("dump is JSON")
 }
@@ -231,32 +238,28 @@ pub struct Secantus {
 
 /// Runs the server inside a python process that also watches its parent (the test binary)
 /// and stops itself when the parent is gone, so no server outlives a test run.
-const WRAPPER: &str = "import os, signal, sys, threading, time\n\
-parent = os.getppid()\n\
-def watch():\n\
-    while True:\n\
-        time.sleep(0.5)\n\
-        if os.getppid() != parent:\n\
-            os.kill(os.getpid(), signal.SIGTERM)\n\
-            time.sleep(10)\n\
-            os._exit(0)\n\
-threading.Thread(target=watch, daemon=True).start()\n\
-from secantus.cli import main\n\
-sys.argv = ['secantusd-py'] + sys.argv[1:]\n\
-sys.exit(main())\n";
+const WRAPPER: &str = r#"import os, signal, sys, threading, time
+parent = os.getppid()
+def watch():
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+            os._exit(0)
+threading.Thread(target=watch, daemon=True).start()
+from secantus.cli import main
+sys.argv = ['secantusd-py'] + sys.argv[1:]
+sys.exit(main())
+"#;
 
 impl Secantus {
     /// Starts a server on a free port with its data under `storage`. `standalone`: no
     /// replica-set advertisement, hence no change streams (as a standalone mongod).
     pub fn start(storage: &Path, standalone: bool) -> Secantus {
         fs::create_dir_all(storage).expect("storage dir");
-        let mut s = Secantus {
-            child: None,
-            port: free_port(),
-            storage: storage.to_path_buf(),
-            standalone,
-            log: storage.with_extension("log"),
-        };
+        let mut s =
+            Secantus { child: None, port: free_port(), storage: storage.to_path_buf(), standalone, log: storage.with_extension("log") };
         s.spawn();
         s
     }
@@ -393,7 +396,17 @@ impl Facerec {
             .env("SIM_THRESHOLD", "0.3")
             .env("RUST_LOG", "info,ort=warn,facerec::store=debug")
             .env("INTRA_THREADS", "1");
-        for var in ["JWT_SECRET_KEY", "API_KEYS", "DET_SIZE", "WORKERS", "QUEUE_SIZE", "MAX_BODY_BYTES", "MONGO_FOLLOW", "MONGO_POLL_INTERVAL", "MONGO_CONNECT_TIMEOUT"] {
+        for var in [
+            "JWT_SECRET_KEY",
+            "API_KEYS",
+            "DET_SIZE",
+            "WORKERS",
+            "QUEUE_SIZE",
+            "MAX_BODY_BYTES",
+            "MONGO_FOLLOW",
+            "MONGO_POLL_INTERVAL",
+            "MONGO_CONNECT_TIMEOUT",
+        ] {
             cmd.env_remove(var);
         }
         for (k, v) in extra {
@@ -428,7 +441,9 @@ impl Facerec {
     pub fn enrol(&self, username: &str, photos: &[&str]) -> Response {
         let boundary = "facerec-mongo-test-boundary";
         let mut body = Vec::new();
-        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"username\"\r\n\r\n{username}\r\n").as_bytes());
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"username\"\r\n\r\n{username}\r\n").as_bytes(),
+        );
         for name in photos {
             body.extend_from_slice(
                 format!("--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: image/jpeg\r\n\r\n")
@@ -491,7 +506,14 @@ impl Response {
 }
 
 /// One HTTP/1.1 exchange (`Connection: close`; axum answers with a content length).
-pub fn request(port: u16, method: &str, path: &str, content_type: Option<&str>, body: &[u8], timeout: Duration) -> std::io::Result<Response> {
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+    timeout: Duration,
+) -> std::io::Result<Response> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
     let mut stream = TcpStream::connect_timeout(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)), timeout.min(Duration::from_secs(5)))?;
     stream.set_read_timeout(Some(timeout))?;

@@ -97,6 +97,10 @@ pub fn tail(path: &Path, max: usize) -> String {
     String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
+/// Service settings never inherited from the environment of `cargo test` (with `MONGO_*`).
+const INHERITED_SETTINGS_DROPPED: &[&str] =
+    &["DET_SIZE", "WORKERS", "QUEUE_SIZE", "MAX_BODY_BYTES", "INTRA_THREADS", "JWT_SECRET_KEY", "API_KEYS", "RUST_LOG"];
+
 /// The `facerec` binary serving HTTP on 127.0.0.1, with its database, audit log and photo
 /// folder inside `dir`. Killed on drop.
 pub struct Server {
@@ -135,7 +139,16 @@ impl Server {
         let port = free_port();
         let stderr_path = dir.join(format!("server-stderr-{}-{attempt}.log", std::process::id()));
         let stderr = File::create(&stderr_path).unwrap_or_else(|e| panic!("creating {}: {e}", stderr_path.display()));
-        let child = Command::new(env!("CARGO_BIN_EXE_facerec"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_facerec"));
+        // Settings of the developer's shell that would change what the test sees (auth, MongoDB,
+        // limits) are not passed on; what the binary needs to fetch models (PATH, pip's settings) is.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("MONGO_") || INHERITED_SETTINGS_DROPPED.contains(&k.as_ref()) {
+                cmd.env_remove(&key);
+            }
+        }
+        let child = cmd
             .current_dir(dir) // no stray .env, no default paths outside the folder
             .env("HOST", "127.0.0.1")
             .env("PORT", port.to_string())
@@ -147,11 +160,6 @@ impl Server {
             .env("EXECUTION_PROVIDER", "cpu")
             .env("SIM_THRESHOLD", "0.3")
             .env("RUST_LOG", "info,ort=warn")
-            .env_remove("MONGO_URI")
-            .env_remove("DET_SIZE")
-            .env_remove("WORKERS")
-            .env_remove("QUEUE_SIZE")
-            .env_remove("MAX_BODY_BYTES")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(stderr))
