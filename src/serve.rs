@@ -13,7 +13,6 @@ use crate::api::{self, AppState};
 use crate::audit::{AuditConfig, AuditHandle};
 use crate::config::{ServeConfig, analyzer_options};
 use crate::engine::{Engine, EngineConfig};
-use crate::face::image::ImageLimits;
 use crate::face::pack;
 use crate::fetch;
 use crate::gallery::Gallery;
@@ -50,8 +49,10 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
     let engine_cfg = EngineConfig {
         workers: usize::from(cfg.workers),
         queue: cfg.queue_size as usize,
+        batch_size: usize::from(cfg.batch_size),
+        batch_wait: std::time::Duration::from_micros(u64::from(cfg.batch_wait_us)),
         analyzer: analyzer_options(cfg.det_size),
-        limits: ImageLimits::default(),
+        limits: cfg.image_limits(),
     };
     let engine = {
         let runtime = Arc::clone(&runtime);
@@ -59,36 +60,46 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
     };
     let info = engine.info().clone();
 
-    let sqlite = Arc::new(
-        SqliteStore::open(&cfg.database_path).with_context(|| format!("opening the embedded store at {}", cfg.database_path.display()))?,
-    );
-    let store: Arc<dyn FaceStore> = match mongo {
-        Some(m) => m,
-        None => Arc::clone(&sqlite) as Arc<dyn FaceStore>,
+    // One store for users and face records: MongoDB when MONGO_URI is set, else SQLite.
+    let (store, faces): (Arc<dyn FaceStore>, Arc<dyn FaceRecordStore>) = match mongo {
+        Some(m) => (Arc::clone(&m) as Arc<dyn FaceStore>, m),
+        None => {
+            let sqlite = Arc::new(
+                SqliteStore::open(&cfg.database_path)
+                    .with_context(|| format!("opening the embedded store at {}", cfg.database_path.display()))?,
+            );
+            (Arc::clone(&sqlite) as Arc<dyn FaceStore>, sqlite)
+        }
     };
     let loaded = store.load_users(&info.model_id).await.context("loading users from the store")?;
     if loaded.other_model > 0 {
         tracing::warn!(count = loaded.other_model, ours = %info.model_id, "users enrolled with another recognizer are kept but not compared");
     }
-    let gallery = Arc::new(Gallery::from_entries(
-        info.embedding_dim,
-        loaded.users.into_iter().filter(|u| !u.embedding.is_empty()).map(|u| (u.username, u.embedding)),
-    ));
-    let faces_loaded = sqlite.load_faces(&info.model_id).await.context("loading face records from the store")?;
-    let face_index = Arc::new(FaceIndex::new(info.embedding_dim));
-    for r in &faces_loaded.faces {
-        face_index.insert(r);
-    }
-    let faces: Arc<dyn FaceRecordStore> = sqlite;
+    let gallery = Arc::new(
+        Gallery::from_entries(
+            info.embedding_dim,
+            loaded.users.into_iter().filter(|u| !u.embedding.is_empty()).map(|u| (u.username, u.embedding)),
+        )
+        .with_search(cfg.search_options()),
+    );
+    let faces_loaded = faces.load_faces(&info.model_id).await.context("loading face records from the store")?;
+    let face_index = Arc::new(FaceIndex::new(info.embedding_dim).with_search(cfg.search_options()));
+    face_index.extend(&faces_loaded.faces);
     let auth = Arc::new(AuthConfig::new(cfg.jwt_secret_key.as_deref(), cfg.api_keys.as_deref()));
     if auth.is_open() {
         tracing::warn!("no JWT_SECRET_KEY and no API_KEYS: every endpoint is open to anyone who can reach it");
     } else {
         tracing::info!(jwt = auth.jwt_enabled(), api_keys = auth.api_keys_enabled(), "authentication on");
     }
-    let audit = AuditHandle::start(AuditConfig { log_file: cfg.log_file.clone(), photo_dir: cfg.photo_dir.clone(), queue: 1024 })
-        .await
-        .with_context(|| format!("preparing {} and {}", cfg.log_file.display(), cfg.photo_dir.display()))?;
+    let audit = AuditHandle::start(AuditConfig {
+        log_file: cfg.log_file.clone(),
+        photo_dir: cfg.photo_dir.clone(),
+        queue: 1024,
+        save_crops: cfg.save_crops,
+        retention_days: cfg.retention_days,
+    })
+    .await
+    .with_context(|| format!("preparing {} and {}", cfg.log_file.display(), cfg.photo_dir.display()))?;
     tracing::info!(
         provider = %info.provider,
         pack = %cfg.models.model_pack,
@@ -116,6 +127,7 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
         skipped_other_model: loaded.other_model,
         skipped_malformed: loaded.malformed,
         writes: tokio::sync::Mutex::new(()),
+        limits: cfg.request_limits(),
     });
     // A shared store (MongoDB): follow the other replicas' writes into the gallery.
     if let Some(feed) = state.store.follow().await.context("following other replicas' writes")? {
@@ -131,37 +143,89 @@ impl WriteGate for AppState {
     }
 }
 
-/// Builds the service and serves until a shutdown signal.
+/// Builds the service and serves until SIGTERM or SIGINT; then stops accepting connections, lets
+/// the requests in flight finish (at most SHUTDOWN_TIMEOUT; a second signal cuts the wait short),
+/// writes and syncs what the audit trail still holds (bounded the same way) and returns `Ok`.
 pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let service = build(&cfg).await?;
     let host = if cfg.host == "localhost" { "127.0.0.1" } else { cfg.host.as_str() };
     let addr: SocketAddr = format!("{host}:{}", cfg.port).parse().with_context(|| format!("HOST {} / PORT {}", cfg.host, cfg.port))?;
+    // Handlers first: from the moment we listen, a SIGTERM is a graceful stop, never the default kill.
+    let mut signals = Signals::new().context("installing the SIGTERM/SIGINT handlers")?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
     tracing::info!(%addr, "listening");
     let audit = service.state.audit.clone();
-    axum::serve(listener, api::app(service.state, service.max_body_bytes)).with_graceful_shutdown(shutdown_signal()).await?;
-    tracing::info!("shutting down: finishing the audit queue");
-    audit.shutdown().await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, api::app(service.state, service.max_body_bytes)).with_graceful_shutdown(async move {
+        let _ = stopped.await;
+    });
+    let mut server = std::pin::pin!(server.into_future());
+    tokio::select! {
+        served = &mut server => {
+            // Only an accept loop failure ends serving before a signal.
+            served.context("serving HTTP")?;
+        }
+        signal = signals.next() => {
+            tracing::info!(signal, timeout = ?cfg.shutdown_timeout, "stopping: no new connections; finishing the requests in flight");
+            let _ = stop.send(());
+            tokio::select! {
+                served = &mut server => {
+                    if let Err(e) = served {
+                        tracing::warn!(error = %e, "HTTP server error while stopping");
+                    }
+                }
+                () = tokio::time::sleep(cfg.shutdown_timeout) => {
+                    tracing::warn!(timeout = ?cfg.shutdown_timeout, "requests still in flight at SHUTDOWN_TIMEOUT are cut off");
+                }
+                signal = signals.next() => {
+                    tracing::warn!(signal, "second signal: requests still in flight are cut off");
+                }
+            }
+        }
+    }
+    // Connections still open past the timeout are ended when the runtime stops (main); a record
+    // they queued before the audit queue closes is still written, later ones are not.
+    tracing::info!("finishing the audit queue");
+    match tokio::time::timeout(cfg.shutdown_timeout, audit.shutdown()).await {
+        Ok(Ok(())) => tracing::info!(audit_failures = audit.failures(), "stopped"),
+        Ok(Err(e)) => tracing::error!(error = %e, audit_failures = audit.failures(), "stopped; the audit trail could not be synced"),
+        Err(_) => tracing::error!(timeout = ?cfg.shutdown_timeout, "stopped; the audit queue was not written within SHUTDOWN_TIMEOUT"),
+    }
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGTERM and SIGINT (Ctrl-C), installed once so a second signal is seen too.
+struct Signals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    #[cfg(unix)]
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+    fn new() -> std::io::Result<Signals> {
+        Ok(Signals {})
+    }
+
+    /// The name of the next signal received.
+    #[cfg(unix)]
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+
+    #[cfg(not(unix))]
+    async fn next(&mut self) -> &'static str {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
     }
 }

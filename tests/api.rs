@@ -1,7 +1,11 @@
 //! The HTTP contract through the router (`app().oneshot(...)`, no socket), with the real
-//! models, a real SQLite file and the real audit writer.
+//! models, a real store and the real audit writer. Tests of what the store keeps run once per
+//! store, same body: `NAME::sqlite` (a real SQLite file) and `NAME::mongodb` (a fresh database
+//! on a real MongoDB wire-protocol server, SecantusDB, started by `mongo_support`; never
+//! skipped: the test fails when the server cannot start).
 
 mod common;
+mod mongo_support;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,9 +23,10 @@ use facerec::api::{AppState, app};
 use facerec::audit::{AuditConfig, AuditHandle};
 use facerec::config::analyzer_options;
 use facerec::engine::{Engine, EngineConfig};
-use facerec::face::image::ImageLimits;
 use facerec::gallery::Gallery;
 use facerec::store::FaceStore;
+use facerec::store::faces::FaceRecordStore;
+use facerec::store::mongo::{MongoOptions, MongoStore};
 use facerec::store::sqlite::SqliteStore;
 
 struct Harness {
@@ -31,16 +36,29 @@ struct Harness {
 
 impl Harness {
     async fn new() -> Harness {
-        Harness::with_auth(AuthConfig::new(None, None)).await
+        Harness::on(Backend::Sqlite).await
     }
 
-    async fn with_auth(auth: AuthConfig) -> Harness {
+    async fn on(backend: Backend) -> Harness {
+        Harness::build(backend, AuthConfig::new(None, None)).await
+    }
+
+    async fn build(backend: Backend, auth: AuthConfig) -> Harness {
         let dir = temp_dir("api");
         let files = facerec::face::pack::resolve(&pack_dir()).expect("pack");
-        let cfg = EngineConfig { workers: 1, queue: 64, analyzer: analyzer_options(320), limits: ImageLimits::default() };
+        let cfg = EngineConfig { workers: 1, queue: 64, analyzer: analyzer_options(320), ..EngineConfig::default() };
         let engine = Engine::start(runtime(), files, cfg).expect("engine");
-        let store = Arc::new(SqliteStore::open(&dir.join("data/facerec.db")).expect("store"));
-        let audit = AuditHandle::start(AuditConfig { log_file: dir.join("logs.txt"), photo_dir: dir.join("photo"), queue: 64 })
+        let (store, faces): (Arc<dyn FaceStore>, Arc<dyn FaceRecordStore>) = match backend {
+            Backend::Sqlite => {
+                let s = Arc::new(SqliteStore::open(&dir.join("data/facerec.db")).expect("store"));
+                (Arc::clone(&s) as Arc<dyn FaceStore>, s)
+            }
+            Backend::Mongo => {
+                let s = Arc::new(mongo_store().await);
+                (Arc::clone(&s) as Arc<dyn FaceStore>, s)
+            }
+        };
+        let audit = AuditHandle::start(AuditConfig { queue: 64, ..AuditConfig::new(dir.join("logs.txt"), dir.join("photo")) })
             .await
             .expect("audit");
         let state = Arc::new(AppState {
@@ -48,8 +66,8 @@ impl Harness {
             face_index: Arc::new(FaceIndex::new(engine.info().embedding_dim)),
             engine,
             store_kind: store.kind(),
-            store: Arc::clone(&store) as Arc<dyn FaceStore>,
-            faces: store,
+            store,
+            faces,
             audit,
             auth: Arc::new(auth),
             metadata: std::sync::RwLock::new(json!({})),
@@ -58,6 +76,7 @@ impl Harness {
             skipped_other_model: 0,
             skipped_malformed: 0,
             writes: tokio::sync::Mutex::new(()),
+            limits: Default::default(),
         });
         Harness { state, dir }
     }
@@ -97,6 +116,46 @@ impl Harness {
         v.sort();
         v
     }
+}
+
+/// The store behind the router.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Mongo,
+}
+
+/// A store on a fresh database of the SecantusDB server this test binary shares (installed and
+/// started on first use; a failure to start fails the test).
+async fn mongo_store() -> MongoStore {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let db = format!("api_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let uri = tokio::task::spawn_blocking(move || mongo_support::Secantus::shared().uri(&db)).await.expect("secantusd starts");
+    // Generous timeouts: the server shares two cores with inference in parallel tests.
+    let opts = MongoOptions {
+        connect_timeout: std::time::Duration::from_secs(60),
+        op_timeout: std::time::Duration::from_secs(10),
+        ..MongoOptions::default()
+    };
+    MongoStore::connect(&uri, opts).await.unwrap_or_else(|e| panic!("MongoDB (SecantusDB) at {uri}: {e}"))
+}
+
+/// Runs the test body `$name(Backend)` once per store: tests `$name::sqlite` and `$name::mongodb`.
+macro_rules! on_each_store {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn sqlite() {
+                super::$name(super::Backend::Sqlite).await
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn mongodb() {
+                super::$name(super::Backend::Mongo).await
+            }
+        }
+    };
 }
 
 fn post_json(uri: &str, body: &Value) -> Request<Body> {
@@ -150,9 +209,9 @@ fn grey_png() -> Vec<u8> {
     out.into_inner()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_original_client_flow_works_unchanged() {
-    let h = Harness::new().await;
+on_each_store!(the_original_client_flow_works_unchanged);
+async fn the_original_client_flow_works_unchanged(store: Backend) {
+    let h = Harness::on(store).await;
     assert_eq!(h.create("alice").await, StatusCode::CREATED);
     let (s, enrolled) = h
         .enrol("alice", &[("img5.jpg", fixture("img5.jpg")), ("img6.jpg", fixture("img6.jpg")), ("img10.jpg", fixture("img10.jpg"))])
@@ -209,9 +268,9 @@ async fn metadata_is_empty_before_the_first_recognition() {
     assert_eq!(h.json(get("/metadata")).await, (StatusCode::OK, json!({})));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn legacy_error_bodies_are_byte_for_byte() {
-    let h = Harness::new().await;
+on_each_store!(legacy_error_bodies_are_byte_for_byte);
+async fn legacy_error_bodies_are_byte_for_byte(store: Backend) {
+    let h = Harness::on(store).await;
     let (s, body) = h.call(multipart("/calculate_average_embedding", "bob", &[("a.jpg", fixture("img5.jpg"))])).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(String::from_utf8_lossy(&body), r#"{"status":"error","message":"User 'bob' not found."}"#);
@@ -270,9 +329,9 @@ async fn malformed_bodies_get_clear_json_errors_and_change_nothing() {
     assert_eq!(h.json(get("/metadata")).await.1, json!({}));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn users_are_created_listed_and_deleted() {
-    let h = Harness::new().await;
+on_each_store!(users_are_created_listed_and_deleted);
+async fn users_are_created_listed_and_deleted(store: Backend) {
+    let h = Harness::on(store).await;
     assert_eq!(h.create("carol").await, StatusCode::CREATED);
     let (s, v) = h.json(post_json("/users", &json!({"username": "carol"}))).await;
     assert_eq!((s, v["code"].clone()), (StatusCode::CONFLICT, json!("user_exists")));
@@ -299,9 +358,9 @@ async fn users_are_created_listed_and_deleted() {
     assert_eq!((s, v["code"].clone()), (StatusCode::NOT_FOUND, json!("user_not_found")));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn enrolment_is_a_weighted_mean_and_recognition_follows_it() {
-    let h = Harness::new().await;
+on_each_store!(enrolment_is_a_weighted_mean_and_recognition_follows_it);
+async fn enrolment_is_a_weighted_mean_and_recognition_follows_it(store: Backend) {
+    let h = Harness::on(store).await;
     assert_eq!(h.create("dave").await, StatusCode::CREATED);
     let (_, one) = h.enrol("dave", &[("img5.jpg", fixture("img5.jpg"))]).await;
     let (_, two) = h.enrol("dave", &[("img6.jpg", fixture("img6.jpg")), ("img10.jpg", fixture("img10.jpg"))]).await;
@@ -318,9 +377,9 @@ async fn enrolment_is_a_weighted_mean_and_recognition_follows_it() {
     assert_eq!(list["users"][0]["samples"], 3);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn enrolment_rejects_non_images_and_missing_fields() {
-    let h = Harness::new().await;
+on_each_store!(enrolment_rejects_non_images_and_missing_fields);
+async fn enrolment_rejects_non_images_and_missing_fields(store: Backend) {
+    let h = Harness::on(store).await;
     assert_eq!(h.create("fay").await, StatusCode::CREATED);
     let (s, v) = h.enrol("fay", &[("notes.txt", b"hello".to_vec())]).await;
     assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_image")));
@@ -427,9 +486,9 @@ fn embedding_of(v: &Value) -> Vec<f64> {
     serde_json::from_value(v["embedding"].clone()).expect("numbers")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn second_api_registers_searches_and_forgets() {
-    let h = Harness::new().await;
+on_each_store!(second_api_registers_searches_and_forgets);
+async fn second_api_registers_searches_and_forgets(store: Backend) {
+    let h = Harness::on(store).await;
     let mut ids = Vec::new();
     for (name, file) in [("Alice", "img5.jpg"), ("Carol", "img16.jpg"), ("Bob", "img12.jpg")] {
         let (s, v) = h
@@ -503,9 +562,9 @@ async fn second_api_registers_searches_and_forgets() {
     assert_eq!(h.json(del(&ids[0])).await.0, StatusCode::NOT_FOUND);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn second_api_errors() {
-    let h = Harness::new().await;
+on_each_store!(second_api_errors);
+async fn second_api_errors(store: Backend) {
+    let h = Harness::on(store).await;
     let grey = grey_png();
     let (s, v) = h.json(form("/api/face/encode", &[Field::File("image", "g.png".into(), grey.clone())])).await;
     assert_eq!((s, v["code"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("no_face_detected")));
@@ -528,10 +587,10 @@ async fn second_api_errors() {
     assert_eq!(h.json(get("/api/face")).await.1["total"], 0, "nothing was stored");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn with_auth_on_every_protected_endpoint_needs_a_token_or_a_key() {
+on_each_store!(with_auth_on_every_protected_endpoint_needs_a_token_or_a_key);
+async fn with_auth_on_every_protected_endpoint_needs_a_token_or_a_key(store: Backend) {
     let secret = "test-secret";
-    let h = Harness::with_auth(AuthConfig::new(Some(secret), Some("key-one,key-two"))).await;
+    let h = Harness::build(store, AuthConfig::new(Some(secret), Some("key-one,key-two"))).await;
     let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 600;
     let token = facerec::api::auth::sign_hs256(&json!({"sub": "tests", "exp": exp}), secret.as_bytes());
     let expired = facerec::api::auth::sign_hs256(&json!({"sub": "tests", "exp": 1_000}), secret.as_bytes());

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use facerec::gallery::Gallery;
+use facerec::store::faces::{FaceRecord, FaceRecordStore, StoredImage};
 use facerec::store::follow;
 use facerec::store::mongo::{FollowMode, MongoOptions, MongoStore};
 use facerec::store::{EMBEDDING_DIM, FaceStore, StoreError, weighted_template};
@@ -483,4 +484,224 @@ fn an_unreachable_mongodb_stops_the_start_with_one_clear_line() {
     assert!(last.starts_with("error: MONGO_URI:"), "{text}");
     assert!(last.contains(&format!("127.0.0.1:{dead} did not answer within 1s (MONGO_CONNECT_TIMEOUT)")), "{last}");
     assert_eq!(text.lines().filter(|l| l.starts_with("error")).count(), 1, "{text}");
+}
+
+// ---- The second API's face records (`faces`, `face_images`) ----
+
+fn face_record(id: &str, name: &str, ms: u64, hot: usize) -> FaceRecord {
+    FaceRecord {
+        id: id.into(),
+        display_name: name.into(),
+        image_url: format!("/api/face/{id}/image"),
+        inserted_at: std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
+        face_vec: unit(hot),
+        model_id: MODEL.into(),
+    }
+}
+
+/// Every document of `db.faces` (without `_id`; dates as `{"$date": ms}`) and, per id, the
+/// `face_images` document's content type, binary subtype and length.
+fn dump_faces(uri: &str) -> (Vec<Value>, Value) {
+    let script = r#"import json, sys, datetime, pymongo
+d = json.load(sys.stdin)
+db = pymongo.MongoClient(d['uri'], serverSelectionTimeoutMS=10000).get_default_database()
+def conv(v):
+    if isinstance(v, datetime.datetime): return {'$date': round(v.replace(tzinfo=datetime.timezone.utc).timestamp() * 1000)}
+    if isinstance(v, list): return [conv(x) for x in v]
+    return v
+faces = [{k: conv(v) for k, v in x.items() if k != '_id'} for x in db.faces.find({}, sort=[('id', 1)])]
+images = {x['id']: {'content_type': x['content_type'], 'is_bytes': isinstance(x['bytes'], bytes), 'len': len(x['bytes'])} for x in db.face_images.find({})}
+print(json.dumps([faces, images]))
+"#;
+    let out = mongo_support::pymongo(script, &json!({"uri": uri}).to_string());
+    let v: Value = serde_json::from_str(&out).expect("dump is JSON");
+    (v[0].as_array().cloned().unwrap_or_default(), v[1].clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn face_records_contract_on_a_real_server() {
+    let uri = Secantus::shared().uri("faces_contract");
+    let s = store(&uri).await;
+    let img = StoredImage { bytes: vec![0xff, 0xd8, 0, 1, 2, 3], content_type: "image/jpeg".into() };
+    s.insert_face(&face_record("a", "Ann", 2, 0), &img).await.unwrap();
+    s.insert_face(&face_record("b", "Bob", 1, 1), &img).await.unwrap();
+    let mut other = face_record("c", "Cy", 3, 2);
+    other.model_id = "m2".into();
+    s.insert_face(&other, &img).await.unwrap();
+
+    // An id is never overwritten: the second insert fails and changes nothing.
+    let dup = StoredImage { bytes: vec![9; 4], content_type: "image/png".into() };
+    assert!(matches!(s.insert_face(&face_record("a", "Dup", 4, 7), &dup).await, Err(StoreError::Internal(_))));
+    assert_eq!(s.get_face("a").await.unwrap(), Some(face_record("a", "Ann", 2, 0)), "round trip, exactly");
+    assert_eq!(s.get_face_image("a").await.unwrap(), Some(img.clone()));
+    // A malformed vector never reaches the server.
+    let mut bad = face_record("d", "Di", 5, 3);
+    bad.face_vec.truncate(3);
+    assert!(matches!(s.insert_face(&bad, &img).await, Err(StoreError::Internal(_))));
+    assert_eq!(s.get_face("d").await.unwrap(), None);
+
+    // The layout: the other API's fields, doubles, a BSON date; the image as binary, apart.
+    let (faces, images) = dump_faces(&uri);
+    assert_eq!(faces.len(), 3);
+    let a = &faces[0];
+    assert_eq!(
+        (a["id"].as_str(), a["display_name"].as_str(), a["image_url"].as_str()),
+        (Some("a"), Some("Ann"), Some("/api/face/a/image"))
+    );
+    assert_eq!((a["model_id"].as_str(), a["inserted_at"]["$date"].as_i64()), (Some(MODEL), Some(2)));
+    let vec = a["face_vec"].as_array().unwrap();
+    assert_eq!(vec.len(), EMBEDDING_DIM);
+    assert!(vec.iter().all(Value::is_f64), "face_vec holds doubles");
+    assert!(a.get("bytes").is_none() && a.get("image").is_none(), "no image in the record");
+    assert_eq!(images["a"], json!({"content_type": "image/jpeg", "is_bytes": true, "len": 6}));
+
+    // Listing: oldest first, with the total; loading: ours only.
+    let (page, total) = s.list_faces(2, 0).await.unwrap();
+    assert_eq!((total, page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>()), (3, vec!["b", "a"]));
+    let (page, _) = s.list_faces(10, 2).await.unwrap();
+    assert_eq!(page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["c"]);
+    let loaded = s.load_faces(MODEL).await.unwrap();
+    assert_eq!((loaded.faces.len(), loaded.other_model, loaded.malformed), (2, 1, 0));
+
+    // Documents of the other API's schema (no model id, ints, an unnormalised vector), and
+    // malformed ones, written by another client.
+    let script = r#"import json, sys, datetime, pymongo
+d = json.load(sys.stdin)
+db = pymongo.MongoClient(d['uri'], serverSelectionTimeoutMS=10000).get_default_database()
+db.faces.insert_many(d['docs'])
+"#;
+    let legacy: Vec<f64> = golden("img5.jpg").iter().map(|v| v * 3.0).collect();
+    let docs = json!([
+        {"id": "legacy", "display_name": "Lee", "image_url": "/api/face/legacy/image", "face_vec": legacy},
+        {"id": "short", "display_name": "Sho", "face_vec": vec![0.5; 128]},
+        {"display_name": "nameless", "face_vec": vec![0.1; EMBEDDING_DIM]},
+    ]);
+    mongo_support::pymongo(script, &json!({"uri": uri, "docs": docs}).to_string());
+    let loaded = s.load_faces(MODEL).await.unwrap();
+    assert_eq!((loaded.faces.len(), loaded.other_model, loaded.malformed), (3, 1, 2));
+    let lee = loaded.faces.iter().find(|r| r.id == "legacy").expect("the other API's record loads");
+    let golden5: Vec<f32> = golden("img5.jpg").iter().map(|v| *v as f32).collect();
+    assert!(max_diff(&lee.face_vec, &normalise(&golden5)) < 1e-6, "normalised when read");
+    assert_eq!(s.get_face_image("legacy").await.unwrap(), None);
+    // A record whose vector is unusable is listed and shown (not searched), and can be deleted;
+    // a document without an id is not a record.
+    let short = s.get_face("short").await.unwrap().expect("shown");
+    assert_eq!((short.display_name.as_str(), short.face_vec.len()), ("Sho", 0));
+    assert_eq!(s.list_faces(100, 0).await.unwrap().1, 5);
+
+    // Ids are data, never operators.
+    for id in ["$where", "a.b", "{\"$gt\": \"\"}"] {
+        assert_eq!(s.get_face(id).await.unwrap(), None);
+        assert!(!s.delete_face(id).await.unwrap());
+    }
+
+    // Delete: record and image gone; a second delete finds nothing.
+    assert!(s.delete_face("a").await.unwrap());
+    assert!(!s.delete_face("a").await.unwrap());
+    assert_eq!(s.get_face("a").await.unwrap(), None);
+    assert_eq!(s.get_face_image("a").await.unwrap(), None, "the image goes with the record");
+    let (_, images) = dump_faces(&uri);
+    assert!(images.get("a").is_none());
+    assert!(s.delete_face("short").await.unwrap());
+    let (page, total) = s.list_faces(10, 0).await.unwrap();
+    assert_eq!((total, page.len()), (3, 3));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn face_record_writes_in_an_outage_are_unavailable_and_change_nothing() {
+    let dir = TempDir::new("faces-outage");
+    let storage = dir.path().join("db");
+    let mut server = tokio::task::spawn_blocking(move || Secantus::start(&storage, false)).await.unwrap();
+    let uri = server.uri("faces_outage");
+    let s = store(&uri).await;
+    let img = StoredImage { bytes: vec![1, 2, 3], content_type: "image/png".into() };
+    s.insert_face(&face_record("kept", "Kay", 1, 0), &img).await.unwrap();
+
+    let mut server = tokio::task::spawn_blocking(move || {
+        server.stop();
+        server
+    })
+    .await
+    .unwrap();
+    for (what, result) in [
+        ("insert", s.insert_face(&face_record("new", "Nu", 2, 1), &img).await.map(|_| ())),
+        ("delete", s.delete_face("kept").await.map(|_| ())),
+        ("get", s.get_face("kept").await.map(|_| ())),
+        ("image", s.get_face_image("kept").await.map(|_| ())),
+        ("list", s.list_faces(10, 0).await.map(|_| ())),
+        ("load", s.load_faces(MODEL).await.map(|_| ())),
+    ] {
+        assert!(matches!(result, Err(StoreError::Unavailable(_))), "{what}: {result:?}");
+    }
+
+    let server = tokio::task::spawn_blocking(move || {
+        server.restart();
+        server
+    })
+    .await
+    .unwrap();
+    // The driver reconnects by itself; nothing was half-written.
+    let mut listed = None;
+    for _ in 0..60 {
+        if let Ok(page) = s.list_faces(10, 0).await {
+            listed = Some(page);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (page, total) = listed.expect("the store answers again after the restart");
+    assert_eq!((total, page[0].id.as_str()), (1, "kept"));
+    let (faces, images) = dump_faces(&uri);
+    assert_eq!((faces.len(), images.as_object().map(|o| o.len())), (1, Some(1)), "no orphan image of the failed insert");
+    s.insert_face(&face_record("new", "Nu", 2, 1), &img).await.unwrap();
+    assert!(s.delete_face("kept").await.unwrap());
+    drop(server);
+}
+
+/// The real binary with MONGO_URI keeps face records in MongoDB (not in a SQLite file) and
+/// finds them again after a restart.
+#[test]
+fn the_binary_keeps_face_records_in_mongodb_across_a_restart() {
+    let server = Secantus::shared();
+    let uri = server.uri("faces_binary");
+    let dir = TempDir::new("faces-binary");
+    let boundary = "facerec-faces-boundary";
+    let form = |fields: &[(&str, Option<&str>, Vec<u8>)]| {
+        let mut body = Vec::new();
+        for (name, file, bytes) in fields {
+            let disposition = match file {
+                Some(f) => format!("form-data; name=\"{name}\"; filename=\"{f}\"\r\nContent-Type: image/jpeg"),
+                None => format!("form-data; name=\"{name}\""),
+            };
+            body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n").as_bytes());
+            body.extend_from_slice(bytes);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        body
+    };
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    let f = Facerec::start(dir.path(), &uri, &[]);
+    let r = f.call(
+        "POST",
+        "/api/face/register",
+        Some(&ct),
+        &form(&[("displayName", None, b"Alice".to_vec()), ("image", Some("img5.jpg"), mongo_support::fixture("img5.jpg"))]),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().expect("id").to_owned();
+    f.stop();
+    assert!(!dir.path().join("faces.db").exists(), "no SQLite file when MONGO_URI is set");
+    let (faces, images) = dump_faces(&uri);
+    assert_eq!((faces.len(), faces[0]["id"].as_str(), faces[0]["display_name"].as_str()), (1, Some(id.as_str()), Some("Alice")));
+    assert_eq!(images[&id]["len"].as_u64(), Some(mongo_support::fixture("img5.jpg").len() as u64));
+
+    let f = Facerec::start(dir.path(), &uri, &[]);
+    let r = f.call("POST", "/api/face/search", Some(&ct), &form(&[("image", Some("img6.jpg"), mongo_support::fixture("img6.jpg"))]));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()[0]["id"].as_str(), Some(id.as_str()), "loaded from MongoDB at start: {}", r.text());
+    let img = f.get(&format!("/api/face/{id}/image"));
+    assert_eq!((img.status, img.body), (200, mongo_support::fixture("img5.jpg")));
+    assert_eq!(f.delete(&format!("/api/face/{id}")).status, 200);
+    assert_eq!(dump_faces(&uri).0.len(), 0);
 }

@@ -25,10 +25,32 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     }
 }
 
-/// Parses a JSON body into `T`, with `invalid_json` for bad syntax or shape.
+/// Limits on what one request may ask for (the body's size is bounded by the router's layer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Most entries in one `/recognize` body (MAX_CROPS).
+    pub max_crops: usize,
+    /// Most files in one enrolment (MAX_FILES).
+    pub max_files: usize,
+    /// Longest `username` or `displayName`, in characters (MAX_NAME_CHARS).
+    pub max_name_chars: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        RequestLimits { max_crops: 64, max_files: 32, max_name_chars: 128 }
+    }
+}
+
+/// Parses a JSON body into `T`: `invalid_json` when it is not JSON at all, `invalid_request`
+/// when it is JSON of the wrong shape (a missing field, a number where a string belongs).
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidJson, format!("request body is not valid JSON for this endpoint: {e}")))
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::new(ErrorCode::InvalidRequest, format!("the JSON body does not have the shape this endpoint expects: {e}"))
+        }
+        _ => ApiError::new(ErrorCode::InvalidJson, format!("request body is not valid JSON: {e}")),
+    })
 }
 
 /// A multipart form, with its rejections as our errors.
@@ -76,25 +98,65 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
 }
 
 /// Checks a username: see [`validate_name`].
-pub fn validate_username(name: &str) -> Result<(), ApiError> {
-    validate_name("username", name)
+pub fn validate_username(name: &str, limits: &RequestLimits) -> Result<(), ApiError> {
+    validate_name("username", name, limits)
 }
 
-/// Checks a name given by a client (`username`, `displayName`): 1 to 128 characters, no
-/// control characters, no surrounding white space.
-pub fn validate_name(field: &str, name: &str) -> Result<(), ApiError> {
-    let bad = |why: &str| Err(ApiError::new(ErrorCode::InvalidUsername, format!("invalid {field}: {why}")));
+/// Checks a name given by a client (`username`, `displayName`): 1 to `max_name_chars`
+/// characters, no control characters (line breaks, NUL, escape sequences, bidirectional
+/// overrides), no surrounding white space. A name is data, never a path: where one ends up in
+/// a file name (the photo folder's crops), the audit writer makes it safe.
+pub fn validate_name(field: &str, name: &str, limits: &RequestLimits) -> Result<(), ApiError> {
+    let bad = |why: String| Err(ApiError::new(ErrorCode::InvalidUsername, format!("invalid {field}: {why}")));
     if name.is_empty() {
-        return bad("it is empty");
+        return bad("it is empty".into());
     }
-    if name.chars().count() > 128 {
-        return bad("it is longer than 128 characters");
+    if name.chars().count() > limits.max_name_chars {
+        return bad(format!("it is longer than {} characters", limits.max_name_chars));
     }
-    if name.chars().any(char::is_control) {
-        return bad("it contains control characters");
+    if name.chars().any(|c| c.is_control() || is_format_control(c)) {
+        return bad("it contains control characters".into());
     }
     if name.trim() != name {
-        return bad("it starts or ends with white space");
+        return bad("it starts or ends with white space".into());
     }
     Ok(())
+}
+
+/// Invisible characters that reorder or hide text (bidirectional overrides and isolates,
+/// zero-width space, the byte-order mark): harmless in storage, misleading in logs. Joiners
+/// (U+200C, U+200D) stay allowed: scripts and emoji need them.
+fn is_format_control(c: char) -> bool {
+    matches!(c, '\u{200b}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_bounded_and_printable() {
+        let lim = RequestLimits { max_name_chars: 5, ..RequestLimits::default() };
+        assert!(validate_name("username", "alice", &lim).is_ok());
+        assert!(validate_name("username", "Zoë", &lim).is_ok());
+        assert!(validate_name("username", "../x", &lim).is_ok(), "a name is data; file names are made safe where used");
+        for bad in ["", "alice2", "a\nb", "a\0b", "a\u{1b}b", "a\u{202e}b", " al", "al ", "a\u{200b}b"] {
+            let e = validate_name("username", bad, &lim).expect_err(bad);
+            assert_eq!(e.code, ErrorCode::InvalidUsername, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn json_syntax_and_shape_get_different_codes() {
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct T {
+            username: String,
+        }
+        assert_eq!(parse_json::<T>(b"{oops").map(|_| ()).err().map(|e| e.code), Some(ErrorCode::InvalidJson));
+        assert_eq!(parse_json::<T>(b"").map(|_| ()).err().map(|e| e.code), Some(ErrorCode::InvalidJson));
+        assert_eq!(parse_json::<T>(b"[1]").map(|_| ()).err().map(|e| e.code), Some(ErrorCode::InvalidRequest));
+        assert_eq!(parse_json::<T>(br#"{"username": 5}"#).map(|_| ()).err().map(|e| e.code), Some(ErrorCode::InvalidRequest));
+        assert!(parse_json::<T>(br#"{"username": "a"}"#).is_ok());
+    }
 }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use axum::Json;
 use axum::body::Bytes;
@@ -180,14 +180,7 @@ fn number<T: std::str::FromStr>(parts: &HashMap<String, Part>, name: &str) -> Re
 
 /// Every face of `bytes`, most prominent first; 422 when there is none.
 async fn faces_of(st: &AppState, bytes: &Bytes, what: &str) -> Result<(Vec<Face>, ImageKind), ApiError> {
-    faces_timed(st, bytes, what).await.map(|(f, k, _)| (f, k))
-}
-
-/// As [`faces_of`], with the queue and inference times (decode, detect, align, embed).
-async fn faces_timed(st: &AppState, bytes: &Bytes, what: &str) -> Result<(Vec<Face>, ImageKind, (Duration, Duration)), ApiError> {
     let analysis = st.engine.analyze(bytes.to_vec()).await?;
-    let t = analysis.times;
-    let timing = (analysis.queued, t.decode + t.detect + t.align + t.embed);
     let mut faces = analysis.faces;
     let Some(best) = most_prominent(&faces) else {
         return Err(ApiError::new(ErrorCode::NoFaceDetected, format!("no face detected in {what}")));
@@ -195,19 +188,7 @@ async fn faces_timed(st: &AppState, bytes: &Bytes, what: &str) -> Result<(Vec<Fa
     let first = faces.remove(best);
     faces.sort_by(|a, b| b.area().total_cmp(&a.area()).then(b.det_score.total_cmp(&a.det_score)));
     faces.insert(0, first);
-    Ok((faces, analysis.kind, timing))
-}
-
-/// `x-queue-time`, `x-inference-time` and `x-search-time` headers, in milliseconds.
-pub fn timing_headers(queue: Duration, inference: Duration, search: Option<Duration>) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    let ms = |d: Duration| HeaderValue::from_str(&format!("{:.3}", d.as_secs_f64() * 1000.0)).unwrap_or(HeaderValue::from_static("0"));
-    h.insert("x-queue-time", ms(queue));
-    h.insert("x-inference-time", ms(inference));
-    if let Some(d) = search {
-        h.insert("x-search-time", ms(d));
-    }
-    h
+    Ok((faces, analysis.kind))
 }
 
 fn face_out(f: Face) -> FaceOut {
@@ -263,7 +244,7 @@ pub async fn register(State(st): State<Arc<AppState>>, form: Form) -> Result<(St
     let parts = form_parts(form).await?;
     let display_name =
         text(&parts, "displayName")?.ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the form has no `displayName` field"))?;
-    super::extract::validate_name("displayName", &display_name)?;
+    super::extract::validate_name("displayName", &display_name, &st.limits)?;
     let image = required(&parts, "image")?;
     if image.len() > MAX_STORED_IMAGE {
         return Err(ApiError::new(ErrorCode::ImageTooLarge, format!("images kept by register are at most {} bytes", MAX_STORED_IMAGE)));
@@ -327,10 +308,11 @@ pub async fn search(State(st): State<Arc<AppState>>, form: Form) -> Result<(Head
         return Err(ApiError::new(ErrorCode::InvalidRequest, "`threshold` is a cosine distance between 0 and 2"));
     }
     let image = required(&parts, "image")?;
-    let (faces, _, (queued, inference)) = faces_timed(&st, image, "the query image").await?;
+    let (faces, _) = faces_of(&st, image, "the query image").await?;
     let started = Instant::now();
     let hits = st.face_index.search(&faces[0].embedding, top_k as usize, threshold);
-    Ok((timing_headers(queued, inference, Some(started.elapsed())), Json(hits)))
+    // x-queue-time and x-inference-time are written by the timing middleware.
+    Ok((super::timing::search_headers(started.elapsed()), Json(hits)))
 }
 
 /// A registered face.
@@ -469,6 +451,20 @@ pub struct FaceIndex {
 impl FaceIndex {
     pub fn new(dim: usize) -> FaceIndex {
         FaceIndex { vectors: crate::gallery::Gallery::new(dim), names: std::sync::RwLock::new(HashMap::new()) }
+    }
+
+    /// The same index with these gallery search settings.
+    pub fn with_search(mut self, options: crate::gallery::SearchOptions) -> FaceIndex {
+        self.vectors = self.vectors.with_search(options);
+        self
+    }
+
+    /// Many records at once (the load at start): one gallery publish, not one per record.
+    pub fn extend(&self, records: &[FaceRecord]) {
+        self.vectors.extend(records.iter().map(|r| (r.id.clone(), r.face_vec.clone())));
+        if let Ok(mut n) = self.names.write() {
+            n.extend(records.iter().filter(|r| self.vectors.dim() == r.face_vec.len()).map(|r| (r.id.clone(), r.display_name.clone())));
+        }
     }
 
     pub fn insert(&self, r: &FaceRecord) {

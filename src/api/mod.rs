@@ -3,11 +3,16 @@
 //! one file per resource: `recognize` (the original contract), `users`, `health`.
 
 pub mod auth;
+mod docs;
 pub mod error;
 mod extract;
 pub mod faces;
 pub mod health;
+pub mod metrics;
+pub mod observe;
+pub mod ready;
 pub mod recognize;
+pub mod timing;
 pub mod users;
 
 use std::sync::Arc;
@@ -18,7 +23,6 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::{delete, get, post};
 use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
-use utoipa_redoc::{Redoc, Servable};
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::audit::AuditHandle;
@@ -27,6 +31,7 @@ use crate::gallery::Gallery;
 use crate::store::faces::FaceRecordStore;
 use crate::store::{FaceStore, StoreKind};
 pub use error::{ApiError, ErrorCode};
+pub use extract::RequestLimits;
 
 /// Everything a handler may use. Shared behind an `Arc`.
 pub struct AppState {
@@ -51,6 +56,8 @@ pub struct AppState {
     /// Serialises "write the store, then the gallery" so the gallery applies writes in the
     /// store's order.
     pub writes: tokio::sync::Mutex<()>,
+    /// What one request may ask for: crops per /recognize, files per enrolment, name lengths.
+    pub limits: RequestLimits,
 }
 
 #[derive(OpenApi)]
@@ -77,6 +84,8 @@ every other error carries a stable `code`."
         faces::delete_face,
         faces::verify,
         health::health,
+        ready::ready,
+        metrics::metrics,
     ),
     components(schemas(error::ErrorBody, error::ErrorCode, error::EntryError)),
     modifiers(&SecuritySchemes),
@@ -84,7 +93,7 @@ every other error carries a stable `code`."
         (name = "recognition", description = "The original contract: recognise face crops, enrol users"),
         (name = "users", description = "Enrolled users"),
         (name = "faces", description = "The second API: single images in, vectors and matches out"),
-        (name = "operations", description = "Health"),
+        (name = "operations", description = "Liveness (/health), readiness (/ready) and Prometheus metrics (/metrics)"),
     )
 )]
 pub struct ApiDoc;
@@ -148,14 +157,27 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/api/face/{id}", get(faces::get_face).delete(faces::delete_face))
         .route("/api/face/{id}/image", get(faces::get_face_image))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state.auth), auth::require_auth));
-    let public = Router::new().route("/", get(landing)).route("/health", get(health::health));
-    let api = protected.merge(public).with_state(state);
+    let public = Router::new()
+        .route("/", get(landing))
+        .route("/health", get(health::health))
+        .route("/ready", get(ready::ready))
+        .route("/metrics", get(metrics::metrics));
+    let api = protected.merge(public).with_state(state).layer(axum::middleware::from_fn(timing::engine_timing));
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi()))
-        .merge(Redoc::with_url("/redoc", openapi()))
+        .route("/redoc", get(docs::redoc_page))
+        .route("/redoc/redoc.standalone.js", get(docs::redoc_script))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(TraceLayer::new_for_http())
+        // A panicking handler answers `internal`; any plain-text error (axum's rejections)
+        // becomes catalogue JSON.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(error::panic_response))
+        .layer(axum::middleware::map_response(error::json_errors))
+        // Every log line of a request carries its id and route (the span); a 5xx is logged once,
+        // where it is made (ApiError::internal, the store mapping), not again here.
+        .layer(TraceLayer::new_for_http().make_span_with(observe::span_for).on_failure(()))
+        // Outermost: request id in and out, metrics (it reads the timing headers set inside).
+        .layer(axum::middleware::from_fn(observe::observe))
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

@@ -94,28 +94,23 @@ struct Outcome {
     responses(
         (status = 200, description = "Every entry enriched", body = RecognizeResponse),
         (status = 400, description = "The body is not a JSON object with a `bboxes` array of objects (`invalid_json`, `invalid_request`)", body = ErrorBody),
-        (status = 413, description = "Body over MAX_BODY_BYTES (`payload_too_large`)", body = ErrorBody),
+        (status = 413, description = "Body over MAX_BODY_BYTES (`payload_too_large`), or more than MAX_CROPS entries (`too_many_crops`)", body = ErrorBody),
         (status = 429, description = "Inference queue full (`overloaded`); see Retry-After", body = ErrorBody),
         (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
     )
 )]
 pub async fn recognize(State(st): State<Arc<AppState>>, Body(body): Body) -> Result<Json<Value>, ApiError> {
-    let mut request: Value = super::extract::parse_json(&body)?;
+    let ParsedRecognize { mut request, crops } = parse_recognize(&body, st.limits.max_crops)?;
     let entries = request
-        .as_object_mut()
-        .and_then(|o| o.get_mut("bboxes"))
+        .get_mut("bboxes")
         .and_then(Value::as_array_mut)
-        .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the body must be a JSON object with a `bboxes` array"))?;
-    if entries.iter().any(|e| !e.is_object()) {
-        return Err(ApiError::new(ErrorCode::InvalidRequest, "every entry of `bboxes` must be an object"));
-    }
+        .ok_or_else(|| ApiError::internal("a parsed /recognize body lost its `bboxes`"))?;
 
     // Every crop goes to the engine at once; the workers take them as they can.
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, entry) in entries.iter().enumerate() {
-        let crop = entry.get("crop").cloned();
+    for (i, crop) in crops.into_iter().enumerate() {
         let st = Arc::clone(&st);
-        tasks.spawn(async move { (i, recognize_crop(&st, crop).await) });
+        tasks.spawn(super::observe::carry(crate::engine::timing::carry(async move { (i, recognize_crop(&st, crop).await) })));
     }
     let mut outcomes: Vec<Option<Outcome>> = (0..entries.len()).map(|_| None).collect();
     while let Some(joined) = tasks.join_next().await {
@@ -151,7 +146,10 @@ pub async fn recognize(State(st): State<Arc<AppState>>, Body(body): Body) -> Res
         }
     }
 
-    st.audit.record(AuditRecord { line: request.clone(), crops }).await.map_err(ApiError::internal)?;
+    // A disk fault in the audit trail does not fail the recognition: the writer warns and counts it.
+    if let Err(e) = st.audit.record(AuditRecord { line: request.clone(), crops }).await {
+        tracing::debug!(error = %e, "recognition answered without its full audit record");
+    }
     if let Ok(mut m) = st.metadata.write() {
         *m = request.clone();
     }
@@ -163,15 +161,49 @@ fn round6(v: f32) -> f64 {
     (f64::from(v) * 1e6).round() / 1e6
 }
 
-/// Decodes, analyses and matches one entry's crop.
-async fn recognize_crop(st: &AppState, crop: Option<Value>) -> Outcome {
+/// A `/recognize` body taken apart: the request object (answered back, each entry enriched)
+/// and, per entry of `bboxes`, its crop's bytes or why the entry has none.
+#[derive(Debug)]
+pub struct ParsedRecognize {
+    pub request: Value,
+    pub crops: Vec<Result<Vec<u8>, ApiError>>,
+}
+
+/// Parses a `/recognize` body, without any I/O: the body must be a JSON object whose `bboxes`
+/// is an array of at most `max_crops` objects. An entry whose `crop` is missing, not a string
+/// or not base64 fails alone (its slot in `crops` holds the error); the others go on.
+pub fn parse_recognize(body: &[u8], max_crops: usize) -> Result<ParsedRecognize, ApiError> {
+    let request: Value = super::extract::parse_json(body)?;
+    let entries = request
+        .as_object()
+        .and_then(|o| o.get("bboxes"))
+        .and_then(Value::as_array)
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the body must be a JSON object with a `bboxes` array"))?;
+    if entries.len() > max_crops {
+        return Err(ApiError::new(
+            ErrorCode::TooManyCrops,
+            format!("`bboxes` has {} entries; at most {max_crops} per request (MAX_CROPS)", entries.len()),
+        ));
+    }
+    if entries.iter().any(|e| !e.is_object()) {
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "every entry of `bboxes` must be an object"));
+    }
+    let crops = entries
+        .iter()
+        .map(|entry| match entry.get("crop") {
+            Some(Value::String(s)) => decode_base64(s),
+            Some(_) => Err(ApiError::new(ErrorCode::InvalidRequest, "`crop` must be a base64 string")),
+            None => Err(ApiError::new(ErrorCode::InvalidRequest, "the entry has no `crop`")),
+        })
+        .collect();
+    Ok(ParsedRecognize { request, crops })
+}
+
+/// Analyses and matches one entry's crop (or passes on why it has none).
+async fn recognize_crop(st: &AppState, crop: Result<Vec<u8>, ApiError>) -> Outcome {
     let bytes = match crop {
-        Some(Value::String(s)) => match decode_base64(&s) {
-            Ok(b) => b,
-            Err(e) => return Outcome { crop: None, result: Err(e) },
-        },
-        Some(_) => return Outcome { crop: None, result: Err(ApiError::new(ErrorCode::InvalidRequest, "`crop` must be a base64 string")) },
-        None => return Outcome { crop: None, result: Err(ApiError::new(ErrorCode::InvalidRequest, "the entry has no `crop`")) },
+        Ok(b) => b,
+        Err(e) => return Outcome { crop: None, result: Err(e) },
     };
     let kind = sniff(&bytes);
     let analysis = st.engine.analyze(bytes.clone()).await;
@@ -256,7 +288,7 @@ pub struct EnrolResponse {
         (status = 404, description = "Unknown user: exactly `{\"status\": \"error\", \"message\": \"User '<username>' not found.\"}`", body = ErrorBody,
             example = json!({"status": "error", "message": "User 'alice' not found."})),
         (status = 409, description = "The user's template came from another recognizer (`model_mismatch`)", body = ErrorBody),
-        (status = 413, description = "Body or image too large (`payload_too_large`, `image_too_large`)", body = ErrorBody),
+        (status = 413, description = "Body or image too large, or more than MAX_FILES files (`payload_too_large`, `image_too_large`, `too_many_files`)", body = ErrorBody),
         (status = 422, description = "No face in any file: exactly `{\"status\": \"error\", \"message\": \"No faces detected in any image.\"}`", body = ErrorBody,
             example = json!({"status": "error", "message": "No faces detected in any image."})),
         (status = 429, description = "Inference queue full (`overloaded`)", body = ErrorBody),
@@ -274,12 +306,20 @@ pub async fn calculate_average_embedding(State(st): State<Arc<AppState>>, form: 
                         .map_err(|_| ApiError::new(ErrorCode::InvalidUsername, "username is not UTF-8 text"))?,
                 )
             }
-            "files" | "file" => files.push((part.file_name.unwrap_or_else(|| format!("file {}", files.len() + 1)), part.bytes)),
+            "files" | "file" => {
+                if files.len() == st.limits.max_files {
+                    return Err(ApiError::new(
+                        ErrorCode::TooManyFiles,
+                        format!("more than {} files in one enrolment (MAX_FILES); send them in several", st.limits.max_files),
+                    ));
+                }
+                files.push((part.file_name.unwrap_or_else(|| format!("file {}", files.len() + 1)), part.bytes))
+            }
             _ => {}
         }
     }
     let username = username.ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the form has no `username` field"))?;
-    validate_username(&username)?;
+    validate_username(&username, &st.limits)?;
     if files.is_empty() {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "the form has no `files`"));
     }
@@ -291,7 +331,7 @@ pub async fn calculate_average_embedding(State(st): State<Arc<AppState>>, form: 
     let mut tasks = tokio::task::JoinSet::new();
     for (i, (name, bytes)) in files.into_iter().enumerate() {
         let engine = st.engine.clone();
-        tasks.spawn(async move { (i, name, engine.analyze(bytes.to_vec()).await) });
+        tasks.spawn(super::observe::carry(crate::engine::timing::carry(async move { (i, name, engine.analyze(bytes.to_vec()).await) })));
     }
     let mut found: Vec<(usize, Vec<f32>)> = Vec::new();
     let mut first_error: Option<(usize, ApiError)> = None;
@@ -338,6 +378,19 @@ pub async fn calculate_average_embedding(State(st): State<Arc<AppState>>, form: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_recognize_keeps_good_entries_and_bounds_the_count() {
+        let body = br#"{"camera": 1, "bboxes": [{"crop": "aGVsbG8="}, {"crop": "***"}, {"crop": 5}, {"bbox": [1]}]}"#;
+        let parsed = parse_recognize(body, 4).expect("parses");
+        assert_eq!(parsed.request["camera"], 1);
+        let codes: Vec<Option<ErrorCode>> = parsed.crops.iter().map(|c| c.as_ref().err().map(|e| e.code)).collect();
+        assert_eq!(codes, [None, Some(ErrorCode::InvalidBase64), Some(ErrorCode::InvalidRequest), Some(ErrorCode::InvalidRequest)]);
+        assert_eq!(parsed.crops[0].as_ref().ok(), Some(&b"hello".to_vec()));
+        assert_eq!(parse_recognize(body, 3).err().map(|e| e.code), Some(ErrorCode::TooManyCrops));
+        assert_eq!(parse_recognize(b"{", 3).err().map(|e| e.code), Some(ErrorCode::InvalidJson));
+        assert_eq!(parse_recognize(b"[]", 3).err().map(|e| e.code), Some(ErrorCode::InvalidRequest));
+    }
 
     #[test]
     fn base64_is_lenient_about_padding_prefix_and_white_space() {

@@ -52,7 +52,7 @@ pub struct Deleted {
 )]
 pub async fn create_user(State(st): State<Arc<AppState>>, Body(body): Body) -> Result<(StatusCode, Json<UserSummary>), ApiError> {
     let req: CreateUser = parse_json(&body)?;
-    validate_username(&req.username)?;
+    validate_username(&req.username, &st.limits)?;
     let record = {
         let _w = st.writes.lock().await;
         st.store.create_user(&req.username).await?

@@ -1,17 +1,29 @@
 //! The inference engine: worker threads that own the ONNX Runtime sessions (one
-//! [`FaceAnalyzer`] each), fed by a bounded queue. The async side holds a cheap cloneable
-//! [`Engine`] handle and awaits a oneshot reply; inference never runs on tokio's threads.
-//! A full queue is refused at once ([`EngineError::Overloaded`]) instead of growing.
+//! [`FaceAnalyzer`] each), fed by a bounded queue ([`queue`]). The async side holds a cheap
+//! cloneable [`Engine`] handle and awaits a oneshot reply; inference never runs on tokio's
+//! threads. A full queue is refused at once ([`EngineError::Overloaded`]) instead of growing.
+//!
+//! Micro-batching: a worker takes a job, decodes, detects and aligns it, then takes the
+//! jobs queued meanwhile (waiting at most `batch_wait` for more when the queue is empty),
+//! up to `batch_size` images or faces, and embeds every aligned crop of them in ONE
+//! recognizer run. Detection stays per image. A job whose caller went away (its oneshot
+//! closed) is dropped without being computed, before detection and again before the
+//! recognizer run. [`Engine::stats`] is a plain snapshot for metrics; [`timing`] hands each
+//! request its queue and inference times.
 
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+mod queue;
+pub mod timing;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use image::RgbImage;
 use tokio::sync::oneshot;
 
 use crate::face::image::{DecodedImage, ImageKind, ImageLimits, decode};
-use crate::face::{AnalyzerOptions, Face, FaceAnalyzer, FaceError, PackFiles, StageTimes};
+use crate::face::{AnalyzerOptions, Face, FaceAnalyzer, FaceError, PackFiles, Prepared, StageTimes};
 use crate::runtime::{ActiveProvider, Runtime};
+use queue::{JobQueue, Pushed};
 
 /// Engine sizing.
 #[derive(Debug, Clone)]
@@ -20,8 +32,27 @@ pub struct EngineConfig {
     pub workers: usize,
     /// Jobs waiting at most; beyond it new work is refused.
     pub queue: usize,
+    /// Most images (and most faces) embedded in one recognizer run; 1 turns batching off.
+    pub batch_size: usize,
+    /// How long a worker holding fewer than `batch_size` images waits for more when the
+    /// queue is empty (counted from taking the first). Zero: take only what is queued.
+    pub batch_wait: Duration,
     pub analyzer: AnalyzerOptions,
     pub limits: ImageLimits,
+}
+
+impl Default for EngineConfig {
+    /// The measured defaults for a small CPU machine (see the README's Benchmarks section).
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            queue: 256,
+            batch_size: 16,
+            batch_wait: Duration::ZERO,
+            analyzer: AnalyzerOptions::default(),
+            limits: ImageLimits::default(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,13 +78,28 @@ pub struct Analysis {
     pub kind: ImageKind,
     pub width: u32,
     pub height: u32,
+    /// Stage times of this image; `embed` is its batch's recognizer run.
     pub times: StageTimes,
-    /// Time the job waited in the queue.
+    /// Time the job waited in the queue (admission to a worker taking it).
     pub queued: Duration,
+    /// Time from a worker taking the job to its answer (decode, detect, align and the
+    /// recognizer run of its batch, which may include other images' detection).
+    pub inference: Duration,
+    /// Images in the recognizer run that embedded this one.
+    pub batch_jobs: usize,
 }
 
-enum Job {
-    Analyze { bytes: Vec<u8>, enqueued: Instant, reply: oneshot::Sender<Result<Analysis, EngineError>> },
+/// A job's answer and its timing (also for failures, so they can be reported).
+struct Reply {
+    result: Result<Analysis, EngineError>,
+    queued: Duration,
+    inference: Duration,
+}
+
+struct Job {
+    bytes: Vec<u8>,
+    enqueued: Instant,
+    reply: oneshot::Sender<Reply>,
 }
 
 /// Facts about the loaded models, for health and stored records.
@@ -65,11 +111,82 @@ pub struct ModelInfo {
     pub files: PackFiles,
 }
 
+/// A snapshot of the engine's counters, for metrics and readiness. Counters are cumulative
+/// since start.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct EngineStats {
+    pub workers: usize,
+    pub queue_capacity: usize,
+    pub batch_size: usize,
+    /// Jobs waiting now.
+    pub queue_depth: usize,
+    /// Workers computing a batch now.
+    pub busy_workers: usize,
+    /// Workers still running (fewer than `workers` only after a crash).
+    pub live_workers: usize,
+    /// Jobs admitted to the queue.
+    pub jobs_accepted: u64,
+    /// Jobs refused because the queue was full (429 `overloaded`).
+    pub jobs_rejected: u64,
+    /// Jobs dropped uncomputed because their caller went away.
+    pub jobs_cancelled: u64,
+    /// Jobs answered with an analysis.
+    pub jobs_done: u64,
+    /// Jobs answered with an error (bad image, failed inference).
+    pub jobs_failed: u64,
+    /// Recognizer runs (micro-batches).
+    pub batches: u64,
+    /// Faces embedded.
+    pub faces: u64,
+    /// `batch_histogram[i]`: batches of `i + 1` images (the last bucket: `batch_size` or more).
+    pub batch_histogram: Vec<u64>,
+    /// Sum over jobs of their queue time.
+    pub queue_time: Duration,
+    /// Sum over batches of their wall time (decode to last answer): the workers' busy time.
+    pub inference_time: Duration,
+    /// Part of `inference_time` inside the detector and recognizer sessions.
+    pub detector_time: Duration,
+    pub recognizer_time: Duration,
+}
+
+/// Counters the workers update once per batch.
+struct Counters {
+    stats: Mutex<EngineStats>,
+}
+
+impl Counters {
+    fn update(&self, f: impl FnOnce(&mut EngineStats)) {
+        let mut g = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g);
+    }
+}
+
+/// What the handles share; dropping the last handle closes the queue and the workers end.
+struct Shared {
+    queue: Arc<JobQueue<Job>>,
+    counters: Arc<Counters>,
+    info: ModelInfo,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.queue.close();
+    }
+}
+
 /// Handle to the workers. Cloning is cheap.
 #[derive(Clone)]
 pub struct Engine {
-    tx: SyncSender<Job>,
-    info: Arc<ModelInfo>,
+    shared: Arc<Shared>,
+}
+
+/// What a worker needs besides its analyzer.
+struct WorkerCtx {
+    queue: Arc<JobQueue<Job>>,
+    counters: Arc<Counters>,
+    limits: ImageLimits,
+    batch_size: usize,
+    batch_wait: Duration,
 }
 
 impl Engine {
@@ -77,76 +194,247 @@ impl Engine {
     /// start) and starts the workers.
     pub fn start(runtime: Arc<Runtime>, files: PackFiles, cfg: EngineConfig) -> Result<Engine, FaceError> {
         let workers = cfg.workers.max(1);
+        let batch_size = cfg.batch_size.max(1);
         let mut analyzers = Vec::with_capacity(workers);
         for _ in 0..workers {
             analyzers.push(FaceAnalyzer::from_files(&runtime, files.clone(), cfg.analyzer)?);
         }
         let first = &analyzers[0];
-        let info = Arc::new(ModelInfo {
+        let info = ModelInfo {
             model_id: first.model_id().to_string(),
             embedding_dim: first.embedding_dim(),
             provider: runtime.active_provider().unwrap_or(ActiveProvider::Cpu),
             files,
+        };
+        let queue = Arc::new(JobQueue::new(cfg.queue.max(1)));
+        let counters = Arc::new(Counters {
+            stats: Mutex::new(EngineStats {
+                workers,
+                queue_capacity: cfg.queue.max(1),
+                batch_size,
+                batch_histogram: vec![0; batch_size],
+                ..EngineStats::default()
+            }),
         });
-        let (tx, rx) = mpsc::sync_channel::<Job>(cfg.queue.max(1));
-        let rx = Arc::new(Mutex::new(rx));
         for (i, analyzer) in analyzers.into_iter().enumerate() {
-            let rx = Arc::clone(&rx);
-            let limits = cfg.limits;
-            let runtime = Arc::clone(&runtime);
+            let ctx = WorkerCtx {
+                queue: Arc::clone(&queue),
+                counters: Arc::clone(&counters),
+                limits: cfg.limits,
+                batch_size,
+                batch_wait: cfg.batch_wait,
+            };
             std::thread::Builder::new()
                 .name(format!("facerec-infer-{i}"))
-                .spawn(move || worker(analyzer, rx, limits, runtime))
+                .spawn(move || worker(analyzer, ctx))
                 .map_err(|e| FaceError::Model(format!("cannot start inference thread: {e}")))?;
+            counters.update(|s| s.live_workers += 1);
         }
-        Ok(Engine { tx, info })
+        Ok(Engine { shared: Arc::new(Shared { queue, counters, info }) })
     }
 
     pub fn info(&self) -> &ModelInfo {
-        &self.info
+        &self.shared.info
     }
 
-    /// Decodes `bytes` and finds every face in it, with embeddings.
+    /// A snapshot of the queue and the counters.
+    pub fn stats(&self) -> EngineStats {
+        let mut s = self.shared.counters.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        s.queue_depth = self.shared.queue.len();
+        s
+    }
+
+    /// Decodes `bytes` and finds every face in it, with embeddings. Refused at once with
+    /// [`EngineError::Overloaded`] when the queue is full. Dropping the returned future
+    /// before it completes withdraws the job: it is not computed. The times go to the
+    /// current request's [`timing`] sink.
     pub async fn analyze(&self, bytes: Vec<u8>) -> Result<Analysis, EngineError> {
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Job::Analyze { bytes, enqueued: Instant::now(), reply }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => return Err(EngineError::Overloaded),
-            Err(TrySendError::Disconnected(_)) => return Err(EngineError::Stopped),
+        match self.shared.queue.push(Job { bytes, enqueued: Instant::now(), reply }) {
+            Pushed::Queued => self.shared.counters.update(|s| s.jobs_accepted += 1),
+            Pushed::Full(_) => {
+                self.shared.counters.update(|s| s.jobs_rejected += 1);
+                return Err(EngineError::Overloaded);
+            }
+            Pushed::Closed(_) => return Err(EngineError::Stopped),
         }
-        rx.await.unwrap_or(Err(EngineError::Stopped))
+        match rx.await {
+            Ok(reply) => {
+                timing::record(reply.queued, reply.inference);
+                reply.result
+            }
+            Err(_) => Err(EngineError::Stopped),
+        }
     }
 }
 
-fn worker(mut analyzer: FaceAnalyzer, rx: Arc<Mutex<Receiver<Job>>>, limits: ImageLimits, _runtime: Arc<Runtime>) {
-    loop {
-        // Hold the lock only while taking a job.
-        let job = match rx.lock() {
-            Ok(guard) => guard.recv(),
-            Err(poisoned) => poisoned.into_inner().recv(),
-        };
-        let Ok(job) = job else { return };
-        match job {
-            Job::Analyze { bytes, enqueued, reply } => {
-                if reply.is_closed() {
-                    continue; // the client went away: do not compute
+/// Marks a worker gone when its thread ends, by return or by panic.
+struct LiveGuard(Arc<Counters>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.update(|s| {
+            s.live_workers = s.live_workers.saturating_sub(1);
+            if std::thread::panicking() {
+                s.busy_workers = s.busy_workers.saturating_sub(1);
+            }
+        });
+    }
+}
+
+/// One image between detection and its embeddings.
+struct InFlight {
+    reply: oneshot::Sender<Reply>,
+    taken: Instant,
+    queued: Duration,
+    kind: ImageKind,
+    size: (u32, u32),
+    times: StageTimes,
+    prepared: Prepared,
+}
+
+fn worker(mut analyzer: FaceAnalyzer, ctx: WorkerCtx) {
+    let _live = LiveGuard(Arc::clone(&ctx.counters));
+    while let Some(first) = ctx.queue.pop() {
+        ctx.counters.update(|s| s.busy_workers += 1);
+        run_batch(&mut analyzer, &ctx, first);
+        ctx.counters.update(|s| s.busy_workers -= 1);
+    }
+}
+
+/// Gathers a micro-batch starting with `first`, detects each image as it is taken, embeds
+/// every crop in one recognizer run and answers each job.
+fn run_batch(analyzer: &mut FaceAnalyzer, ctx: &WorkerCtx, first: Job) {
+    let started = Instant::now();
+    let deadline = started + ctx.batch_wait;
+    let mut batch: Vec<InFlight> = Vec::new();
+    let (mut faces, mut cancelled, mut failed, mut queue_time) = (0usize, 0u64, 0u64, Duration::ZERO);
+    let mut detector_time = Duration::ZERO;
+    // Answers are sent after the counters are updated, so a caller that has its answer
+    // sees its batch in `stats()`.
+    let mut answers: Vec<(oneshot::Sender<Reply>, Reply)> = Vec::new();
+    let mut next = Some(first);
+    while let Some(job) = next.take() {
+        let taken = Instant::now();
+        let queued = taken.saturating_duration_since(job.enqueued);
+        if job.reply.is_closed() {
+            cancelled += 1; // the caller went away: do not compute
+        } else {
+            queue_time += queued;
+            let mut times = StageTimes::default();
+            match prepare(analyzer, &job.bytes, &ctx.limits, &mut times) {
+                Ok((kind, size, prepared)) => {
+                    faces += prepared.crops.len();
+                    detector_time += times.detect_model;
+                    batch.push(InFlight { reply: job.reply, taken, queued, kind, size, times, prepared });
                 }
-                let queued = enqueued.elapsed();
-                let result = run_one(&mut analyzer, &bytes, &limits, queued);
-                let _ = reply.send(result);
+                Err(e) => {
+                    failed += 1;
+                    detector_time += times.detect_model;
+                    answers.push((job.reply, Reply { result: Err(e), queued, inference: taken.elapsed() }));
+                }
+            }
+        }
+        if batch.len() >= ctx.batch_size || faces >= ctx.batch_size {
+            break;
+        }
+        next = ctx.queue.try_pop();
+        if next.is_none() && !batch.is_empty() {
+            let now = Instant::now();
+            if now < deadline {
+                next = ctx.queue.pop_timeout(deadline - now);
             }
         }
     }
+
+    // Callers that went away while the others were detected are not embedded either.
+    let before = batch.len();
+    batch.retain(|j| !j.reply.is_closed());
+    cancelled += (before - batch.len()) as u64;
+
+    let mut embed_times = StageTimes::default();
+    let mut crops: Vec<RgbImage> = Vec::with_capacity(faces);
+    for j in &mut batch {
+        crops.append(&mut j.prepared.crops);
+    }
+    let embedded = if crops.is_empty() { Ok(Vec::new()) } else { analyzer.embed_aligned(&crops, &mut embed_times) };
+    drop(crops);
+    let jobs_in_batch = batch.len();
+    let (mut done, mut faces_embedded) = (0u64, 0u64);
+    match embedded {
+        Ok(all) => {
+            let mut all = all.into_iter();
+            for mut j in batch {
+                let n = j.prepared.detections.len();
+                let embeddings: Vec<Vec<f32>> = all.by_ref().take(n).collect();
+                j.times.embed = embed_times.embed;
+                j.times.embed_model = embed_times.embed_model;
+                let result = j.prepared.into_faces(embeddings).map_err(|e| EngineError::Internal(e.to_string())).map(|faces| {
+                    faces_embedded += faces.len() as u64;
+                    Analysis {
+                        faces,
+                        kind: j.kind,
+                        width: j.size.0,
+                        height: j.size.1,
+                        times: j.times,
+                        queued: j.queued,
+                        inference: j.taken.elapsed(),
+                        batch_jobs: jobs_in_batch,
+                    }
+                });
+                match result {
+                    Ok(_) => done += 1,
+                    Err(_) => failed += 1,
+                }
+                let inference = j.taken.elapsed();
+                answers.push((j.reply, Reply { result, queued: j.queued, inference }));
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            for j in batch {
+                failed += 1;
+                let inference = j.taken.elapsed();
+                answers.push((j.reply, Reply { result: Err(EngineError::Internal(msg.clone())), queued: j.queued, inference }));
+            }
+        }
+    }
+    let wall = started.elapsed();
+    ctx.counters.update(|s| {
+        s.jobs_done += done;
+        s.jobs_failed += failed;
+        s.jobs_cancelled += cancelled;
+        s.queue_time += queue_time;
+        s.inference_time += wall;
+        s.detector_time += detector_time;
+        s.recognizer_time += embed_times.embed_model;
+        s.faces += faces_embedded;
+        if jobs_in_batch > 0 {
+            s.batches += 1;
+            let last = s.batch_histogram.len().saturating_sub(1);
+            if let Some(b) = s.batch_histogram.get_mut((jobs_in_batch - 1).min(last)) {
+                *b += 1;
+            }
+        }
+    });
+    for (reply, answer) in answers {
+        let _ = reply.send(answer);
+    }
 }
 
-fn run_one(analyzer: &mut FaceAnalyzer, bytes: &[u8], limits: &ImageLimits, queued: Duration) -> Result<Analysis, EngineError> {
-    let mut times = StageTimes::default();
+/// Decode, detect and align one image.
+fn prepare(
+    analyzer: &mut FaceAnalyzer,
+    bytes: &[u8],
+    limits: &ImageLimits,
+    times: &mut StageTimes,
+) -> Result<(ImageKind, (u32, u32), Prepared), EngineError> {
     let t = Instant::now();
     let DecodedImage { rgb, kind } = decode(bytes, limits).map_err(EngineError::Image)?;
     times.decode = t.elapsed();
-    let faces = analyzer.analyze(&rgb, &mut times).map_err(|e| match e {
+    let prepared = analyzer.prepare(&rgb, times).map_err(|e| match e {
         e @ (FaceError::InvalidImage(_) | FaceError::ImageTooLarge { .. }) => EngineError::Image(e),
         other => EngineError::Internal(other.to_string()),
     })?;
-    Ok(Analysis { faces, kind, width: rgb.width(), height: rgb.height(), times, queued })
+    Ok((kind, rgb.dimensions(), prepared))
 }

@@ -83,10 +83,11 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage, FaceEr
         ImageKind::Webp => ImageFormat::WebP,
         ImageKind::Bmp => ImageFormat::Bmp,
     });
+    // No width/height limit for the decoder itself: reading the header allocates nothing in
+    // proportion to the claimed size, and [`check_size`] then refuses an oversized claim with
+    // the dimensions in the message. `max_alloc` still bounds every allocation made while
+    // decoding: the decoded buffer (up to 16-bit RGBA) plus the decoder's working memory.
     let mut lim = Limits::default();
-    lim.max_image_width = Some(limits.max_side);
-    lim.max_image_height = Some(limits.max_side);
-    // Decoded buffer (up to 16-bit RGBA) plus the decoder's own working memory.
     lim.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(lim);
     let mut decoder = reader.into_decoder().map_err(|e| map_image_error(e, limits))?;
@@ -96,7 +97,7 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage, FaceEr
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = match kind {
         // The header was read and checked above; the pixels come from libjpeg.
-        ImageKind::Jpeg => match decode_jpeg_libjpeg(bytes)? {
+        ImageKind::Jpeg => match decode_jpeg_libjpeg(bytes, limits)? {
             Some(rgb) => DynamicImage::ImageRgb8(rgb),
             None => DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(e, limits))?,
         },
@@ -129,10 +130,14 @@ extern "C-unwind" fn jpeg_error(cinfo: &mut mozjpeg_sys::jpeg_common_struct) {
 
 /// Decodes a JPEG to RGB with libjpeg (islow IDCT, fancy upsampling: OpenCV's defaults).
 /// `Ok(None)` for colour spaces libjpeg cannot turn into RGB (CMYK, YCCK).
-fn decode_jpeg_libjpeg(bytes: &[u8]) -> Result<Option<RgbImage>, FaceError> {
+/// libjpeg reads the header itself: its size is checked against `limits` again before any
+/// pixel buffer is allocated, in case it reads a different frame header than the one checked.
+fn decode_jpeg_libjpeg(bytes: &[u8], limits: &ImageLimits) -> Result<Option<RgbImage>, FaceError> {
     let invalid = |m: String| FaceError::InvalidImage(format!("could not decode JPEG: {m}"));
     JPEG_TRUNCATED.with(|t| t.set(false));
-    let result = std::panic::catch_unwind(|| -> std::io::Result<Option<(usize, usize, Vec<u8>)>> {
+    // Width, height and RGB rows; `None` for a colour space libjpeg cannot turn into RGB.
+    type Pixels = Option<(usize, usize, Vec<u8>)>;
+    let result = std::panic::catch_unwind(|| -> std::io::Result<Result<Pixels, FaceError>> {
         // SAFETY: a zeroed error manager is what jpeg_std_error expects to fill in.
         let mut err: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
         // SAFETY: `err` is a valid, exclusively borrowed error manager.
@@ -140,17 +145,21 @@ fn decode_jpeg_libjpeg(bytes: &[u8]) -> Result<Option<RgbImage>, FaceError> {
         err.error_exit = Some(jpeg_error);
         err.emit_message = Some(jpeg_warning);
         let d = mozjpeg::Decompress::with_err(err).from_mem(bytes)?;
+        let side = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        if let Err(e) = check_size(side(d.width()), side(d.height()), limits) {
+            return Ok(Err(e));
+        }
         if matches!(d.color_space(), mozjpeg_sys::J_COLOR_SPACE::JCS_CMYK | mozjpeg_sys::J_COLOR_SPACE::JCS_YCCK) {
-            return Ok(None);
+            return Ok(Ok(None));
         }
         let mut started = d.rgb()?;
         let (w, h) = (started.width(), started.height());
         let data: Vec<u8> = started.read_scanlines()?;
         started.finish()?;
-        Ok(Some((w, h, data)))
+        Ok(Ok(Some((w, h, data))))
     });
     let decoded = match result {
-        Ok(Ok(v)) => v,
+        Ok(Ok(v)) => v?,
         Ok(Err(e)) => return Err(invalid(e.to_string())),
         Err(panic) => return Err(invalid(panic.downcast_ref::<String>().cloned().unwrap_or_else(|| "corrupt data".into()))),
     };
@@ -175,7 +184,7 @@ fn check_size(w: u32, h: u32, limits: &ImageLimits) -> Result<(), FaceError> {
 fn map_image_error(e: image::ImageError, limits: &ImageLimits) -> FaceError {
     match e {
         image::ImageError::Limits(l) => FaceError::InvalidImage(format!(
-            "image exceeds the decoding limits ({l}); at most {} px per side and {} px in all",
+            "image needs more memory to decode than allowed ({l}); at most {} px per side and {} px in all",
             limits.max_side, limits.max_pixels
         )),
         other => FaceError::InvalidImage(format!("could not decode image: {other}")),
@@ -271,7 +280,7 @@ mod tests {
         }
     }
 
-    /// A valid PNG header claiming 60000 x 60000 pixels, with no pixel data behind it.
+    /// A valid PNG header claiming `w` x `h` pixels, with no pixel data behind it.
     fn png_claiming(w: u32, h: u32) -> Vec<u8> {
         let mut out = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
         let mut ihdr = Vec::new();
@@ -282,6 +291,11 @@ mod tests {
         out.extend_from_slice(&13u32.to_be_bytes());
         out.extend_from_slice(&ihdr);
         out.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+        // The decoder reads the header chunks up to the first IDAT: give it one (an empty zlib stream).
+        let idat = b"IDAT\x78\x9c\x03\x00\x00\x00\x00\x01";
+        out.extend_from_slice(&((idat.len() - 4) as u32).to_be_bytes());
+        out.extend_from_slice(idat);
+        out.extend_from_slice(&crc32(idat).to_be_bytes());
         out
     }
 
@@ -300,9 +314,11 @@ mod tests {
     fn refuses_huge_claims_before_allocating() {
         let bytes = png_claiming(60_000, 60_000);
         assert!(bytes.len() < 64);
+        // Cut before its first IDAT, it is refused too (as truncated).
+        assert!(matches!(decode(&bytes[..33], &ImageLimits::default()), Err(FaceError::InvalidImage(_))));
         match decode(&bytes, &ImageLimits::default()) {
-            Err(FaceError::ImageTooLarge { .. }) | Err(FaceError::InvalidImage(_)) => {}
-            other => panic!("expected a refusal, got {other:?}"),
+            Err(FaceError::ImageTooLarge { width: 60_000, height: 60_000, .. }) => {}
+            other => panic!("expected image_too_large, got {other:?}"),
         }
         // A real image within the per-side limit but over the pixel budget.
         let lim = ImageLimits { max_side: 60_000, max_pixels: 1_000_000 };

@@ -146,6 +146,32 @@ pub struct Located {
     pub found_by: FoundBy,
 }
 
+/// Faces located and aligned, waiting for their embeddings (see [`FaceAnalyzer::prepare`]).
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// One per face, in the detector's order (score first).
+    pub detections: Vec<Detection>,
+    /// The aligned crops, one per detection.
+    pub crops: Vec<RgbImage>,
+    pub found_by: FoundBy,
+}
+
+impl Prepared {
+    /// Faces, given the embeddings of [`Prepared::crops`] in order.
+    pub fn into_faces(self, embeddings: Vec<Vec<f32>>) -> Result<Vec<Face>, FaceError> {
+        if embeddings.len() != self.detections.len() {
+            return Err(FaceError::Model(format!("{} embeddings for {} faces", embeddings.len(), self.detections.len())));
+        }
+        let found_by = self.found_by;
+        Ok(self
+            .detections
+            .into_iter()
+            .zip(embeddings)
+            .map(|(d, embedding)| Face { bbox: d.bbox, kps: d.kps, det_score: d.score, embedding, found_by })
+            .collect())
+    }
+}
+
 /// A detector and a recognizer, ready to analyse images. Not shared between threads:
 /// each inference worker owns one.
 pub struct FaceAnalyzer {
@@ -200,52 +226,40 @@ impl FaceAnalyzer {
         if !detections.is_empty() || !self.opts.pad_retry {
             return Ok(Located { detections, found_by: FoundBy::Detector });
         }
-        let pad = retry_padding(img.height(), self.detector.input_size(self.opts.detect.det_size));
-        let padded = pad_image(img, pad);
+        let retry = RetryCanvas::new(img, self.detector.input_size(self.opts.detect.det_size));
         let detections = self
             .detector
-            .detect(&padded, &self.opts.detect, &mut times.detect_model)?
+            .detect(&retry.canvas, &self.opts.detect, &mut times.detect_model)?
             .into_iter()
-            .map(|d| d.shifted(pad as f32, pad as f32))
+            .map(|d| retry.to_image(d))
             .collect();
         Ok(Located { detections, found_by: FoundBy::Padded })
     }
 
     /// Every face in `img` with its embedding, highest detector score first.
     pub fn analyze(&mut self, img: &RgbImage, times: &mut StageTimes) -> Result<Vec<Face>, FaceError> {
+        let prepared = self.prepare(img, times)?;
+        let embeddings = self.embed_aligned(&prepared.crops, times)?;
+        prepared.into_faces(embeddings)
+    }
+
+    /// The first half of [`FaceAnalyzer::analyze`]: locate the faces and align each to the
+    /// recognizer's input. The crops of several images can then be embedded in one batch
+    /// ([`FaceAnalyzer::embed_aligned`]) and handed back with [`Prepared::into_faces`].
+    pub fn prepare(&mut self, img: &RgbImage, times: &mut StageTimes) -> Result<Prepared, FaceError> {
         let t = Instant::now();
         let located = self.locate(img, times)?;
         times.detect += t.elapsed();
-        let size = self.recognizer.input_size();
         if located.found_by == FoundBy::Aligned {
-            let t = Instant::now();
-            let mut emb = self.recognizer.embed(std::slice::from_ref(img), &mut times.embed_model)?;
-            times.embed += t.elapsed();
             let (w, h) = (img.width() as f32, img.height() as f32);
-            let embedding = emb.pop().ok_or_else(|| FaceError::Model("recognizer returned nothing".into()))?;
-            return Ok(vec![Face {
-                bbox: [0.0, 0.0, w, h],
-                kps: align::ARCFACE_TEMPLATE,
-                det_score: 1.0,
-                embedding,
-                found_by: FoundBy::Aligned,
-            }]);
+            let aligned = Detection { bbox: [0.0, 0.0, w, h], score: 1.0, kps: align::ARCFACE_TEMPLATE };
+            return Ok(Prepared { detections: vec![aligned], crops: vec![img.clone()], found_by: FoundBy::Aligned });
         }
-        if located.detections.is_empty() {
-            return Ok(Vec::new());
-        }
+        let size = self.recognizer.input_size();
         let t = Instant::now();
         let crops: Vec<RgbImage> = located.detections.iter().map(|d| align::norm_crop(img, &d.kps, size)).collect();
         times.align += t.elapsed();
-        let t = Instant::now();
-        let embeddings = self.recognizer.embed(&crops, &mut times.embed_model)?;
-        times.embed += t.elapsed();
-        Ok(located
-            .detections
-            .into_iter()
-            .zip(embeddings)
-            .map(|(d, embedding)| Face { bbox: d.bbox, kps: d.kps, det_score: d.score, embedding, found_by: located.found_by })
-            .collect())
+        Ok(Prepared { detections: located.detections, crops, found_by: located.found_by })
     }
 
     /// Embeddings of crops that are already aligned to the recognizer's input size.
@@ -266,6 +280,49 @@ pub fn retry_padding(height: u32, det_size: (u32, u32)) -> u32 {
     let side = f64::from(det_size.0.max(det_size.1));
     let factor = ((side / 160.0 - 1.0) / 2.0).max(0.5);
     ((f64::from(height) * factor).round() as u32).max(1)
+}
+
+/// The padded copy of the tight-crop retry, and how to map its detections back.
+#[derive(Debug, Clone)]
+pub struct RetryCanvas {
+    pub canvas: RgbImage,
+    pub pad: u32,
+    /// Image pixels per canvas pixel, per axis (1 unless the image was shrunk first).
+    pub scale: (f32, f32),
+}
+
+impl RetryCanvas {
+    /// `img` padded by [`retry_padding`]. The canvas is letterboxed down to the detector input
+    /// anyway, so an image larger than that input is first shrunk to fit it: the detector sees
+    /// the same thing, and a faceless 16384 px tall image no longer makes a padded copy of
+    /// gigabytes (2441x16384 gave 18825x32768 RGB, 1.85 GB).
+    pub fn new(img: &RgbImage, det_size: (u32, u32)) -> RetryCanvas {
+        let side = det_size.0.max(det_size.1).max(1);
+        let (w, h) = img.dimensions();
+        let longest = w.max(h);
+        let shrunk = (longest > side).then(|| {
+            let f = f64::from(side) / f64::from(longest);
+            let (nw, nh) = (((f64::from(w) * f).round() as u32).clamp(1, side), ((f64::from(h) * f).round() as u32).clamp(1, side));
+            resample::resize_linear(img, nw, nh)
+        });
+        let base = shrunk.as_ref().unwrap_or(img);
+        let scale = (w as f32 / base.width() as f32, h as f32 / base.height() as f32);
+        let pad = retry_padding(base.height(), det_size);
+        RetryCanvas { canvas: pad_image(base, pad), pad, scale }
+    }
+
+    /// A detection on the canvas, in the image's own coordinates.
+    pub fn to_image(&self, d: Detection) -> Detection {
+        let mut d = d.shifted(self.pad as f32, self.pad as f32);
+        for (i, v) in d.bbox.iter_mut().enumerate() {
+            *v *= if i % 2 == 0 { self.scale.0 } else { self.scale.1 };
+        }
+        for p in &mut d.kps {
+            p[0] *= self.scale.0;
+            p[1] *= self.scale.1;
+        }
+        d
+    }
 }
 
 /// `img` centred on a black canvas with `pad` pixels on every side.
@@ -302,6 +359,24 @@ mod tests {
         assert_eq!(retry_padding(192, (640, 640)), 288);
         assert_eq!(retry_padding(192, (160, 160)), 96);
         assert_eq!(retry_padding(1, (320, 320)), 1);
+    }
+
+    #[test]
+    fn the_retry_canvas_stays_small_and_maps_back() {
+        // A tight crop smaller than the detector input: padded as it is.
+        let small = RgbImage::from_pixel(192, 192, ::image::Rgb([9, 8, 7]));
+        let r = RetryCanvas::new(&small, (320, 320));
+        assert_eq!((r.canvas.dimensions(), r.pad, r.scale), ((384, 384), 96, (1.0, 1.0)));
+        // A tall faceless image: shrunk to the input's side before padding.
+        let tall = RgbImage::new(2441, 16384);
+        let r = RetryCanvas::new(&tall, (320, 320));
+        assert!(r.canvas.width() <= 640 && r.canvas.height() <= 640, "{:?}", r.canvas.dimensions());
+        let p = r.pad as f32;
+        let d = Detection { bbox: [p, p, p + 10.0, p + 20.0], score: 0.9, kps: [[p + 5.0, p + 5.0]; 5] };
+        let back = r.to_image(d);
+        assert_eq!(back.bbox[0], 0.0);
+        assert!((back.bbox[3] - 20.0 * 16384.0 / 320.0).abs() < 1.0, "{:?}", back.bbox);
+        assert!((back.kps[0][0] - 5.0 * r.scale.0).abs() < 1e-3);
     }
 
     #[test]

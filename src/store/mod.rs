@@ -158,6 +158,10 @@ pub trait FaceStore: Send + Sync + 'static {
     /// recognizer.
     async fn enroll(&self, username: &str, embeddings: &[Vec<f32>], model_id: &str) -> Result<UserRecord, StoreError>;
 
+    /// A cheap check that the store answers now, for `/ready`: `Unavailable` when it cannot be
+    /// reached or its data is gone. Callers bound it with their own timeout.
+    async fn ping(&self) -> Result<(), StoreError>;
+
     /// Other writers' changes, for a store that several processes share; `None` (the
     /// default) for a store only this process writes (SQLite). Call it after
     /// [`FaceStore::load_users`]: the feed starts where that load started, so nothing written

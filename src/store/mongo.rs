@@ -45,6 +45,10 @@ use super::{
     Change, ChangeFeed, EMBEDDING_DIM, FaceStore, LoadedUsers, StoreError, StoreKind, UserRecord, UserSummary, follow::backoff, rfc3339,
 };
 
+/// The second API's face records (`faces`, `face_images`).
+#[path = "mongo_faces.rs"]
+mod mongo_faces;
+
 /// Database used when the URI names none.
 pub const DEFAULT_DATABASE: &str = "facerec";
 /// The collection, as the owner's dashboard has it.
@@ -199,6 +203,7 @@ impl MongoStore {
         }
         let store = MongoStore { coll: db.collection(COLLECTION), database, hosts, opts, seed: Mutex::new(None) };
         store.ensure_index().await?;
+        store.ensure_face_indexes().await?;
         tracing::info!(hosts = %store.hosts, database = %store.database, collection = COLLECTION, "mongo store: connected");
         Ok(store)
     }
@@ -394,6 +399,12 @@ impl FaceStore for MongoStore {
             }
         }
         Err(StoreError::Internal(format!("enrolling '{username}': its document kept changing under the update")))
+    }
+
+    /// The server answers `ping` within the operation bound.
+    async fn ping(&self) -> Result<(), StoreError> {
+        let db = self.coll.client().database(&self.database);
+        self.bounded("ping", db.run_command(doc! {"ping": 1}).into_future()).await.map(|_| ())
     }
 
     async fn follow(&self) -> Result<Option<Box<dyn ChangeFeed>>, StoreError> {

@@ -51,6 +51,8 @@ const EMBEDDING_BYTES: usize = EMBEDDING_DIM * 4;
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
+    /// The database file's identity when it was opened, for [`FaceStore::ping`].
+    file_id: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -78,7 +80,8 @@ impl SqliteStore {
         let mut conn = Connection::open(path).map_err(sql_err).map_err(at)?;
         configure(&conn, busy_timeout).map_err(at)?;
         migrate(&mut conn).map_err(at)?;
-        Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)), path: path.to_path_buf() })
+        let file_id = file_id(path).ok().flatten();
+        Ok(SqliteStore { conn: Arc::new(Mutex::new(conn)), path: path.to_path_buf(), file_id })
     }
 
     /// The database file.
@@ -446,6 +449,39 @@ impl FaceStore for SqliteStore {
         check_new_embeddings(embeddings)?;
         let (username, embeddings, model_id) = (username.to_owned(), embeddings.to_vec(), model_id.to_owned());
         self.call(move |conn| enroll_blocking(conn, username, &embeddings, &model_id)).await
+    }
+
+    /// The file at the path is still the database this connection opened (a deleted or
+    /// replaced file would take every later write with it), and SQLite answers a query.
+    async fn ping(&self) -> Result<(), StoreError> {
+        let (path, opened) = (self.path.clone(), self.file_id);
+        self.call(move |conn| {
+            let now = file_id(&path).map_err(|e| StoreError::Unavailable(format!("{}: {e}", path.display())))?;
+            if opened.is_some() && now != opened {
+                return Err(StoreError::Unavailable(format!("{} was replaced or removed since it was opened", path.display())));
+            }
+            conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)).map_err(sql_err)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// The identity of the file at `path` (device and inode on Unix; `None` elsewhere, where only
+/// its existence is checked).
+fn file_id(path: &Path) -> std::io::Result<Option<(u64, u64)>> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a file"));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Ok(Some((meta.dev(), meta.ino())))
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(None)
     }
 }
 
@@ -822,6 +858,25 @@ mod tests {
             Err(StoreError::Internal(m)) => assert!(m.contains("newer"), "{m}"),
             other => panic!("expected Internal, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn ping_fails_while_the_database_folder_is_replaced_by_a_file() {
+        let dir = TempDir::new("ping");
+        let store = SqliteStore::open(&dir.db()).unwrap();
+        store.ping().await.unwrap();
+        let (folder, moved) = (dir.0.join("data"), dir.0.join("data.moved"));
+        std::fs::rename(&folder, &moved).unwrap();
+        std::fs::write(&folder, b"not a folder").unwrap();
+        assert!(matches!(store.ping().await, Err(StoreError::Unavailable(_))));
+        // Another file at the same path is not the database either.
+        std::fs::remove_file(&folder).unwrap();
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::copy(moved.join("facerec.db"), dir.db()).unwrap();
+        assert!(matches!(store.ping().await, Err(StoreError::Unavailable(m)) if m.contains("replaced")));
+        std::fs::remove_dir_all(&folder).unwrap();
+        std::fs::rename(&moved, &folder).unwrap();
+        store.ping().await.unwrap();
     }
 
     #[test]

@@ -99,7 +99,7 @@ pub fn tail(path: &Path, max: usize) -> String {
 
 /// Service settings never inherited from the environment of `cargo test` (with `MONGO_*`).
 const INHERITED_SETTINGS_DROPPED: &[&str] =
-    &["DET_SIZE", "WORKERS", "QUEUE_SIZE", "MAX_BODY_BYTES", "INTRA_THREADS", "JWT_SECRET_KEY", "API_KEYS", "RUST_LOG"];
+    &["DET_SIZE", "WORKERS", "QUEUE_SIZE", "MAX_BODY_BYTES", "INTRA_THREADS", "JWT_SECRET_KEY", "API_KEYS", "RUST_LOG", "LOG_FORMAT"];
 
 /// The `facerec` binary serving HTTP on 127.0.0.1, with its database, audit log and photo
 /// folder inside `dir`. Killed on drop.
@@ -124,9 +124,14 @@ impl Server {
     /// Starts the binary with `dir` as its working folder and waits (bounded) until /health
     /// answers 200. Panics with the child's stderr when it exits or does not become ready.
     pub fn start(dir: &Path) -> Server {
+        Server::start_with_env(dir, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables (set last: they win over the defaults).
+    pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Server {
         let mut last_failure = String::new();
         for attempt in 1..=3 {
-            match Server::try_start(dir, attempt) {
+            match Server::try_start(dir, attempt, env) {
                 Ok(server) => return server,
                 Err(StartError::PortTaken(msg)) => last_failure = msg,
                 Err(StartError::Fatal(msg)) => panic!("{msg}"),
@@ -135,7 +140,7 @@ impl Server {
         panic!("facerec could not bind a free port three times:\n{last_failure}");
     }
 
-    fn try_start(dir: &Path, attempt: u32) -> Result<Server, StartError> {
+    fn try_start(dir: &Path, attempt: u32, env: &[(&str, &str)]) -> Result<Server, StartError> {
         let port = free_port();
         let stderr_path = dir.join(format!("server-stderr-{}-{attempt}.log", std::process::id()));
         let stderr = File::create(&stderr_path).unwrap_or_else(|e| panic!("creating {}: {e}", stderr_path.display()));
@@ -160,6 +165,7 @@ impl Server {
             .env("EXECUTION_PROVIDER", "cpu")
             .env("SIM_THRESHOLD", "0.3")
             .env("RUST_LOG", "info,ort=warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(stderr))
@@ -219,6 +225,24 @@ impl Server {
         self.call("POST", path, Some(&form.content_type()), &form.body())
     }
 
+    /// The child's process id (while it runs).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
+    /// Sends a signal (a `kill` option such as `-TERM` or `-KILL`) to the child.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.pid();
+        let sent = Command::new("kill").arg(sig).arg(pid.to_string()).status();
+        assert!(matches!(sent, Ok(s) if s.success()), "could not send {sig} to facerec ({sent:?})");
+    }
+
+    /// Waits (bounded) for the child to exit; `None` if it was still running at `limit` (then killed).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take().expect("server running");
+        wait_bounded(&mut child, limit)
+    }
+
     /// Graceful stop: SIGTERM, then waits (bounded) for a successful exit; returns its stderr.
     pub fn stop(mut self) -> String {
         let mut child = self.child.take().expect("server running");
@@ -274,6 +298,19 @@ impl Response {
 /// One HTTP/1.1 exchange with 127.0.0.1:`port` (`Connection: close`, body read to EOF; chunked
 /// bodies are decoded). Every socket operation is bounded by `timeout`.
 pub fn request(port: u16, method: &str, path: &str, content_type: Option<&str>, body: &[u8], timeout: Duration) -> io::Result<Response> {
+    request_with_headers(port, method, path, &[], content_type, body, timeout)
+}
+
+/// [`request`] with extra request headers.
+pub fn request_with_headers(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    content_type: Option<&str>,
+    body: &[u8],
+    timeout: Duration,
+) -> io::Result<Response> {
     let addr = (Ipv4Addr::LOCALHOST, port).into();
     let mut stream = TcpStream::connect_timeout(&addr, timeout.min(Duration::from_secs(10)))?;
     stream.set_read_timeout(Some(timeout))?;
@@ -281,6 +318,9 @@ pub fn request(port: u16, method: &str, path: &str, content_type: Option<&str>, 
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nAccept: */*\r\n");
     if let Some(ct) = content_type {
         let _ = write!(head, "Content-Type: {ct}\r\n");
+    }
+    for (k, v) in headers {
+        let _ = write!(head, "{k}: {v}\r\n");
     }
     if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
         let _ = write!(head, "Content-Length: {}\r\n", body.len());

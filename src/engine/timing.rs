@@ -1,0 +1,92 @@
+//! Per-request engine timing: how long a request's images waited in the queue and how long
+//! they were computed. The HTTP layer opens a [`TimingSink`] around a request ([`scope`]);
+//! every [`super::Engine::analyze`] call made inside it records into it, and the HTTP layer
+//! turns the result into response headers in one place. Knows nothing of HTTP.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::Either;
+
+tokio::task_local! {
+    static SINK: TimingSink;
+}
+
+/// The engine's share of one request. With several images (a multi-crop `/recognize`,
+/// `verify`), the images run concurrently, so both figures are the longest of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RequestTiming {
+    /// Longest wait between admission and a worker taking the image.
+    pub queue: Duration,
+    /// Longest time from a worker taking the image to its answer: decode, detect, align and
+    /// the recognizer run of its batch.
+    pub inference: Duration,
+    /// Images the engine computed for this request.
+    pub jobs: u32,
+}
+
+/// Collects the timing of the engine calls made while it is in scope. Cloning is cheap.
+#[derive(Debug, Clone, Default)]
+pub struct TimingSink(Arc<Mutex<Option<RequestTiming>>>);
+
+impl TimingSink {
+    pub fn new() -> TimingSink {
+        TimingSink::default()
+    }
+
+    /// What was recorded; `None` when the engine computed nothing for this request.
+    pub fn get(&self) -> Option<RequestTiming> {
+        self.0.lock().map(|g| *g).unwrap_or(None)
+    }
+
+    fn record(&self, queue: Duration, inference: Duration) {
+        if let Ok(mut g) = self.0.lock() {
+            let t = g.get_or_insert_with(RequestTiming::default);
+            t.queue = t.queue.max(queue);
+            t.inference = t.inference.max(inference);
+            t.jobs += 1;
+        }
+    }
+}
+
+/// Runs `f` with `sink` collecting the timing of its engine calls.
+pub async fn scope<F: Future>(sink: TimingSink, f: F) -> F::Output {
+    SINK.scope(sink, f).await
+}
+
+/// Wraps `f` so that it records into the current request's sink even when it runs as a
+/// task of its own (`tokio::spawn`, `JoinSet::spawn`): task-locals do not follow spawns.
+pub fn carry<F: Future>(f: F) -> impl Future<Output = F::Output> {
+    match SINK.try_with(TimingSink::clone) {
+        Ok(sink) => Either::Left(SINK.scope(sink, f)),
+        Err(_) => Either::Right(f),
+    }
+}
+
+/// Records one computed image into the current request's sink, if any.
+pub(crate) fn record(queue: Duration, inference: Duration) {
+    let _ = SINK.try_with(|s| s.record(queue, inference));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn records_the_longest_of_concurrent_images_and_follows_spawns() {
+        let sink = TimingSink::new();
+        scope(sink.clone(), async {
+            record(Duration::from_millis(3), Duration::from_millis(10));
+            let spawned = tokio::spawn(carry(async { record(Duration::from_millis(5), Duration::from_millis(7)) }));
+            spawned.await.unwrap();
+            // Without carry, a spawned task has no sink: nothing is recorded, nothing fails.
+            tokio::spawn(async { record(Duration::from_secs(9), Duration::from_secs(9)) }).await.unwrap();
+        })
+        .await;
+        let t = sink.get().unwrap();
+        assert_eq!((t.queue, t.inference, t.jobs), (Duration::from_millis(5), Duration::from_millis(10), 2));
+        assert_eq!(TimingSink::new().get(), None);
+        record(Duration::ZERO, Duration::ZERO); // outside any scope: ignored
+    }
+}
