@@ -228,6 +228,7 @@ impl Service {
             .arg("--model-cache-dir")
             .arg(&m.model_cache_dir)
             .args(["--execution-provider", &m.execution_provider.to_string(), "--intra-threads", &m.intra_threads.to_string()])
+            .args(["--intra-spinning", &m.intra_spinning.to_string()])
             .env_remove("MONGO_URI")
             .env_remove("JWT_SECRET_KEY")
             .env_remove("API_KEYS")
@@ -329,11 +330,11 @@ pub fn run(cfg: ServeConfig, opts: RecognizeBench) -> anyhow::Result<()> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     let photos: Vec<Vec<u8>> =
         PHOTOS.iter().map(|p| std::fs::read(opts.fixtures.join(p)).with_context(|| format!("reading {p}"))).collect::<Result<_, _>>()?;
-    let runtime = Runtime::init(&cfg.models.runtime_options())?;
+    let runtime = Runtime::init(&cfg.models.runtime_options(usize::from(cfg.workers)))?;
     let pack_dir = crate::fetch::ensure_pack(&cfg.models.model_cache_dir, &cfg.models.model_pack)?;
     let mut analyzer = FaceAnalyzer::load(&runtime, &pack_dir, analyzer_options(cfg.det_size))?;
     let crops = face_crops(&mut analyzer, &photos, CROP_SIDE)?;
-    let threads = cfg.models.runtime_options().intra_threads;
+    let threads = cfg.models.runtime_options(usize::from(cfg.workers)).intra_threads;
     println!(
         "bench recognize: {} face crops of {CROP_SIDE}x{CROP_SIDE} from {} photos; det {}; workers {}, intra threads {threads}, batch {}, wait {} us, queue {}",
         crops.len(),
@@ -413,7 +414,22 @@ pub fn run(cfg: ServeConfig, opts: RecognizeBench) -> anyhow::Result<()> {
         "levels": reports.iter().map(LevelReport::json).collect::<Vec<_>>(),
     });
     println!("{summary}");
+    print_metrics(service.addr);
     Ok(())
+}
+
+/// The service's own `/metrics` after the load, histogram buckets left out.
+fn print_metrics(addr: SocketAddr) {
+    match http(addr, "GET", "/metrics", None, &[]) {
+        Ok((200, body)) => {
+            println!("GET /metrics after the load (histogram buckets left out):");
+            for line in String::from_utf8_lossy(&body).lines().filter(|l| !l.contains("_bucket{") && !l.starts_with('#')) {
+                println!("  {line}");
+            }
+        }
+        Ok((status, _)) => println!("GET /metrics answered {status}"),
+        Err(e) => println!("GET /metrics failed: {e:#}"),
+    }
 }
 
 /// 64 connections for `secs`, the service's VmRSS every 5 s.
@@ -447,5 +463,6 @@ fn soak(rt: &tokio::runtime::Runtime, service: &Service, target: &Target, secs: 
         );
     }
     println!("{}", serde_json::json!({"bench": "recognize-soak", "seconds": secs, "level": report.json(), "rss_kb": samples}));
+    print_metrics(service.addr);
     Ok(())
 }

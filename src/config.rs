@@ -32,10 +32,16 @@ pub struct ModelConfig {
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_dylib_path: Option<PathBuf>,
 
-    /// ONNX Runtime intra-op threads per session (0: one per core). 1 measured best on a
-    /// 2-core machine serving HTTP at the same time (see the README's Benchmarks).
-    #[arg(long, env = "INTRA_THREADS", default_value_t = 1)]
+    /// ONNX Runtime intra-op threads per session (0: the cores divided among the workers).
+    /// See the README's Benchmarks for the measurements behind the default.
+    #[arg(long, env = "INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
+
+    /// Let idle ONNX Runtime threads spin after each run (its own default) instead of
+    /// sleeping. Off: with two sessions per worker and the HTTP side on the same cores,
+    /// spinning threads slow the others down (see the README's Benchmarks).
+    #[arg(long, env = "INTRA_SPINNING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub intra_spinning: bool,
 }
 
 impl ModelConfig {
@@ -55,12 +61,15 @@ impl ModelConfig {
         self.model_cache_dir.join(&self.model_pack)
     }
 
-    pub fn runtime_options(&self) -> RuntimeOptions {
+    /// The runtime's options for `workers` inference workers (INTRA_THREADS 0 shares the
+    /// cores among them).
+    pub fn runtime_options(&self, workers: usize) -> RuntimeOptions {
         RuntimeOptions {
             provider: self.execution_provider,
             cache_dir: self.model_cache_dir.clone(),
             dylib_path: self.ort_dylib_path.clone(),
-            intra_threads: if self.intra_threads == 0 { available_cores() } else { self.intra_threads },
+            intra_threads: if self.intra_threads == 0 { (available_cores() / workers.max(1)).max(1) } else { self.intra_threads },
+            intra_spinning: self.intra_spinning,
         }
     }
 }

@@ -209,7 +209,7 @@ fn run_fetch(models: &ModelConfig) -> anyhow::Result<()> {
 /// Loads ONNX Runtime and the pack, fetching what is missing.
 fn load_analyzer(models: &ModelConfig, det_size: u32) -> anyhow::Result<FaceAnalyzer> {
     models.validate().map_err(anyhow::Error::msg)?;
-    let runtime = Runtime::init(&models.runtime_options())?;
+    let runtime = Runtime::init(&models.runtime_options(1))?;
     let pack_dir = fetch::ensure_pack(&models.model_cache_dir, &models.model_pack)?;
     let analyzer = FaceAnalyzer::load(&runtime, &pack_dir, config::analyzer_options(det_size))?;
     tracing::info!(

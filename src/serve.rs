@@ -39,8 +39,9 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
         None => None,
     };
     let models = cfg.models.clone();
+    let workers = usize::from(cfg.workers);
     let (runtime, files) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let runtime = Runtime::init(&models.runtime_options())?;
+        let runtime = Runtime::init(&models.runtime_options(workers))?;
         let pack_dir = fetch::ensure_pack(&models.model_cache_dir, &models.model_pack)?;
         Ok((runtime, pack::resolve(&pack_dir)?))
     })

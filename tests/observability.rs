@@ -263,6 +263,7 @@ fn the_built_in_face_is_found_at_common_det_sizes() {
         cache_dir: support::model_cache_dir(),
         dylib_path: std::env::var_os("ORT_DYLIB_PATH").map(Into::into),
         intra_threads: 2,
+        intra_spinning: false,
     })
     .expect("ONNX Runtime");
     let pack = facerec::fetch::ensure_pack(&support::model_cache_dir(), "buffalo_sc").expect("pack");

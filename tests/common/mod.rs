@@ -31,6 +31,7 @@ pub fn runtime() -> Arc<Runtime> {
                 cache_dir: cache_dir(),
                 dylib_path: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
                 intra_threads: 2,
+                intra_spinning: false,
             })
             .expect("ONNX Runtime loads (fetched from PyPI on first use)"),
         )
