@@ -65,6 +65,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::civil::{civil_from_days, days_from_civil};
+
 /// The log file of the original service.
 pub const DEFAULT_LOG_FILE: &str = "logs.txt";
 /// The photo folder of the original service.
@@ -325,31 +327,6 @@ fn day_of(t: SystemTime) -> i64 {
         Ok(d) => i64::try_from(d.as_secs() / SECS_PER_DAY).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_secs().div_ceil(SECS_PER_DAY)).unwrap_or(i64::MAX),
     }
-}
-
-/// (year, month, day) of a day number (days since 1970-01-01), proleptic Gregorian calendar.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m as u32, d as u32)
-}
-
-/// The day number of (year, month, day); the inverse of [`civil_from_days`] for valid dates.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let (m, d) = (i64::from(m), i64::from(d));
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 fn check_ext(ext: &str) -> Result<(), AuditError> {
@@ -1346,14 +1323,6 @@ mod tests {
 
     #[test]
     fn dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
-        for d in (-800_000..800_000).step_by(997) {
-            let (y, m, dd) = civil_from_days(d);
-            assert_eq!(days_from_civil(y, m, dd), d);
-        }
         assert_eq!(day_of(UNIX_EPOCH + Duration::from_secs(86_399)), 0);
         assert_eq!(day_of(UNIX_EPOCH - Duration::from_secs(1)), -1);
         assert_eq!(rotated_log_name("logs.txt", 19_782, 0), "logs-2024-02-29.txt");

@@ -10,6 +10,7 @@ pub mod api;
 pub mod audit;
 pub mod bench;
 pub mod bench_recognize;
+pub mod civil;
 pub mod config;
 pub mod engine;
 pub mod eval;

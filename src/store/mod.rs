@@ -171,28 +171,11 @@ pub trait FaceStore: Send + Sync + 'static {
     }
 }
 
-/// RFC 3339 (UTC, milliseconds) for a time.
-pub fn rfc3339(t: SystemTime) -> String {
-    let ms = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-    let (secs, millis) = (ms.div_euclid(1000), ms.rem_euclid(1000));
-    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", sod / 3600, sod % 3600 / 60, sod % 60)
-}
+pub use crate::civil::rfc3339;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn weighted_mean_counts_every_image() {
@@ -208,12 +191,5 @@ mod tests {
         // No template yet: the mean of the new ones.
         let (t, n) = weighted_template(&[], 0, &[vec![1.0, 0.0], vec![1.0, 0.0]]);
         assert_eq!((t, n), (vec![1.0, 0.0], 2));
-    }
-
-    #[test]
-    fn rfc3339_formats_utc() {
-        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_000_000_123);
-        assert_eq!(rfc3339(t), "2026-11-18T11:06:40.123Z");
     }
 }

@@ -34,7 +34,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{StreamExt, TryStreamExt};
-use mongodb::bson::{self, Bson, Document, RawBsonRef, RawDocument, RawDocumentBuf, doc};
+use mongodb::bson::{self, Bson, Document, RawArray, RawBsonRef, RawDocument, RawDocumentBuf, doc};
 use mongodb::change_stream::ChangeStream;
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
 use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
@@ -965,6 +965,23 @@ fn template_of(raw: &RawDocument) -> Result<Vec<f32>, String> {
         Ok(Some(other)) => return Err(format!("`embeddings` is {:?}, not an array", other.element_type())),
         Err(e) => return Err(format!("`embeddings` cannot be read: {e}")),
     };
+    let values = numbers_of(array)?;
+    if values.is_empty() {
+        return Ok(Vec::new());
+    }
+    if values.len() != EMBEDDING_DIM {
+        return Err(format!("`embeddings` has {} numbers, not {EMBEDDING_DIM}", values.len()));
+    }
+    let norm = values.iter().map(|v| v * v).sum::<f64>().sqrt();
+    if !(norm > 0.0 && norm.is_finite()) {
+        return Err("`embeddings` is all zeros".to_owned());
+    }
+    Ok(values.iter().map(|v| (v / norm) as f32).collect())
+}
+
+/// The elements of a vector field: finite numbers (doubles, ints, longs or decimals, as other
+/// tools write them); anything else is described in the error.
+fn numbers_of(array: &RawArray) -> Result<Vec<f64>, String> {
     let mut values = Vec::with_capacity(EMBEDDING_DIM);
     for (i, item) in array.into_iter().enumerate() {
         let v = match item {
@@ -980,17 +997,7 @@ fn template_of(raw: &RawDocument) -> Result<Vec<f32>, String> {
         }
         values.push(v);
     }
-    if values.is_empty() {
-        return Ok(Vec::new());
-    }
-    if values.len() != EMBEDDING_DIM {
-        return Err(format!("`embeddings` has {} numbers, not {EMBEDDING_DIM}", values.len()));
-    }
-    let norm = values.iter().map(|v| v * v).sum::<f64>().sqrt();
-    if !(norm > 0.0 && norm.is_finite()) {
-        return Err("`embeddings` is all zeros".to_owned());
-    }
-    Ok(values.iter().map(|v| (v / norm) as f32).collect())
+    Ok(values)
 }
 
 fn record_of(raw: &RawDocument, username: String, embedding: Vec<f32>) -> UserRecord {

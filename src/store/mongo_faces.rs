@@ -30,7 +30,7 @@ use mongodb::options::IndexOptions;
 use mongodb::{Collection, IndexModel};
 
 use super::super::faces::{FaceRecord, FaceRecordStore, LoadedFaces, StoredImage};
-use super::{EMBEDDING_DIM, MODEL_FIELD, MongoStore, StoreError, fmt_duration, is_duplicate_key, store_err, str_of};
+use super::{EMBEDDING_DIM, MODEL_FIELD, MongoStore, StoreError, fmt_duration, is_duplicate_key, numbers_of, store_err, str_of};
 
 /// Face records, as the other API names them.
 pub const FACES_COLLECTION: &str = "faces";
@@ -143,20 +143,7 @@ fn face_vec_of(raw: &RawDocument) -> Result<Vec<f32>, String> {
         Ok(Some(other)) => return Err(format!("`face_vec` is {:?}, not an array", other.element_type())),
         Err(e) => return Err(format!("`face_vec` cannot be read: {e}")),
     };
-    let mut values = Vec::with_capacity(EMBEDDING_DIM);
-    for (i, item) in array.into_iter().enumerate() {
-        let v = match item {
-            Ok(RawBsonRef::Double(v)) => v,
-            Ok(RawBsonRef::Int32(v)) => f64::from(v),
-            Ok(RawBsonRef::Int64(v)) => v as f64,
-            Ok(other) => return Err(format!("element {i} is {:?}, not a number", other.element_type())),
-            Err(e) => return Err(format!("element {i} cannot be read: {e}")),
-        };
-        if !v.is_finite() {
-            return Err(format!("element {i} is not finite"));
-        }
-        values.push(v);
-    }
+    let values = numbers_of(array)?;
     if values.len() != EMBEDDING_DIM {
         return Err(format!("`face_vec` has {} numbers, not {EMBEDDING_DIM}", values.len()));
     }
