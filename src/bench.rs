@@ -352,10 +352,8 @@ gallery heap {:.0} MiB (rows {:.0} MiB)",
 }
 
 /// Fills (once; reused) an SQLite file with `store_users` users, then times what `serve`
-/// does at start: `load_users`, then `Gallery::from_entries`.
+/// does at start: [`crate::serve::load_gallery`].
 fn store_load(opts: &GalleryBench) -> anyhow::Result<()> {
-    use crate::gallery::Gallery;
-    use crate::store::FaceStore;
     let dim = crate::store::EMBEDDING_DIM;
     let n = opts.store_users;
     let model_id = "bench-model";
@@ -400,22 +398,17 @@ fn store_load(opts: &GalleryBench) -> anyhow::Result<()> {
     let peak_reset = reset_peak_rss();
     let started = Instant::now();
     let store = SqliteStore::open(&path)?;
-    let loaded = rt.block_on(store.load_users(model_id))?;
-    let read = started.elapsed();
-    let users = loaded.users.len();
-    // As serve::build does.
-    let gallery =
-        Gallery::from_entries(dim, loaded.users.into_iter().filter(|u| !u.embedding.is_empty()).map(|u| (u.username, u.embedding)));
+    // As serve::build does: the store streams, the gallery is built meanwhile.
+    let (gallery, _) = rt.block_on(crate::serve::load_gallery(&store, model_id, dim))?;
+    let users = gallery.len();
     let total = started.elapsed();
     let after = rss();
     let peak = if peak_reset { proc_status_bytes("VmHWM:") } else { None };
     println!(
-        "store: loaded {users} users from SQLite ({:.2} GB file, page cache warm) in {:.2} s: load_users {:.2} s, gallery build {:.2} s; \
-VmRSS +{:.0} MiB after, peak +{}",
+        "store: loaded {users} users from SQLite ({:.2} GB file, page cache warm) into the gallery in {:.2} s (read and build \
+overlapped, as at start); VmRSS +{:.0} MiB after, peak +{}",
         file_bytes as f64 / 1e9,
         total.as_secs_f64(),
-        read.as_secs_f64(),
-        (total - read).as_secs_f64(),
         mib(after as i64 - before as i64),
         peak.map_or("n/a".to_string(), |p| format!("{:.0} MiB", mib(p as i64 - before as i64)))
     );

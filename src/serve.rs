@@ -17,16 +17,28 @@ use crate::face::pack;
 use crate::fetch;
 use crate::gallery::Gallery;
 use crate::runtime::Runtime;
-use crate::store::FaceStore;
 use crate::store::faces::FaceRecordStore;
 use crate::store::follow::{self, WriteGate};
 use crate::store::mongo::MongoStore;
 use crate::store::sqlite::SqliteStore;
+use crate::store::{FaceStore, LoadedUsers, UserRecord};
 
 /// Everything built at start, before listening.
 pub struct Service {
     pub state: Arc<AppState>,
     pub max_body_bytes: usize,
+}
+
+/// The gallery of every enrolled user in `store`, built on a blocking thread from the
+/// batches the store streams while it still reads; and the load's counts.
+pub async fn load_gallery(store: &dyn FaceStore, model_id: &str, dim: usize) -> anyhow::Result<(Gallery, LoadedUsers)> {
+    let (sink, batches) = std::sync::mpsc::sync_channel::<Vec<UserRecord>>(4);
+    let build = tokio::task::spawn_blocking(move || {
+        Gallery::from_entries(dim, batches.into_iter().flatten().filter(|u| !u.embedding.is_empty()).map(|u| (u.username, u.embedding)))
+    });
+    let loaded = store.stream_users(model_id, sink).await.context("loading users from the store")?;
+    let gallery = build.await.context("building the gallery")?;
+    Ok((gallery, loaded))
 }
 
 /// Loads models, store and gallery. Errors say what to fix.
@@ -72,17 +84,11 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
             (Arc::clone(&sqlite) as Arc<dyn FaceStore>, sqlite)
         }
     };
-    let loaded = store.load_users(&info.model_id).await.context("loading users from the store")?;
+    let (gallery, loaded) = load_gallery(store.as_ref(), &info.model_id, info.embedding_dim).await?;
     if loaded.other_model > 0 {
         tracing::warn!(count = loaded.other_model, ours = %info.model_id, "users enrolled with another recognizer are kept but not compared");
     }
-    let gallery = Arc::new(
-        Gallery::from_entries(
-            info.embedding_dim,
-            loaded.users.into_iter().filter(|u| !u.embedding.is_empty()).map(|u| (u.username, u.embedding)),
-        )
-        .with_search(cfg.search_options()),
-    );
+    let gallery = Arc::new(gallery.with_search(cfg.search_options()));
     let faces_loaded = faces.load_faces(&info.model_id).await.context("loading face records from the store")?;
     let face_index = Arc::new(FaceIndex::new(info.embedding_dim).with_search(cfg.search_options()));
     face_index.extend(&faces_loaded.faces);

@@ -54,6 +54,9 @@ pub struct LoadedUsers {
     pub malformed: usize,
 }
 
+/// Where [`FaceStore::stream_users`] sends users, in batches.
+pub type UserBatches = std::sync::mpsc::SyncSender<Vec<UserRecord>>;
+
 /// The store's kind, as reported by `/health`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -140,6 +143,18 @@ pub trait FaceStore: Send + Sync + 'static {
 
     /// Every user, for the gallery at start; `model_id` is the recognizer in use.
     async fn load_users(&self, model_id: &str) -> Result<LoadedUsers, StoreError>;
+
+    /// [`FaceStore::load_users`] in batches sent to `sink` as they are read, so that the load
+    /// at start builds the gallery while the store still reads, and never holds every
+    /// template twice. The answer has the counts and no `users`. The default sends what
+    /// `load_users` gives as one batch (the sink must hold at least one, so this never blocks).
+    async fn stream_users(&self, model_id: &str, sink: UserBatches) -> Result<LoadedUsers, StoreError> {
+        let mut loaded = self.load_users(model_id).await?;
+        let users = std::mem::take(&mut loaded.users);
+        // A receiver that is gone wants nothing more.
+        let _ = sink.try_send(users);
+        Ok(loaded)
+    }
 
     /// Creates a user with no template. `UserExists` if the name is taken.
     async fn create_user(&self, username: &str) -> Result<UserRecord, StoreError>;

@@ -30,7 +30,9 @@ use std::time::{Duration, SystemTime};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, ffi, params};
 
-use super::{EMBEDDING_DIM, FaceStore, LoadedUsers, StoreError, StoreKind, UserRecord, UserSummary, rfc3339, weighted_template};
+use super::{
+    EMBEDDING_DIM, FaceStore, LoadedUsers, StoreError, StoreKind, UserBatches, UserRecord, UserSummary, rfc3339, weighted_template,
+};
 
 /// Version of the schema this build writes (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i32 = 2;
@@ -287,10 +289,74 @@ fn check_new_embeddings(embeddings: &[Vec<f32>]) -> Result<(), StoreError> {
 }
 
 fn load_users_blocking(conn: &mut Connection, model_id: &str) -> Result<LoadedUsers, StoreError> {
+    let mut users = Vec::new();
+    let loaded = scan_users(conn, model_id, &mut users)?;
+    Ok(LoadedUsers { users, ..loaded })
+}
+
+/// Where [`scan_users`] puts the users it reads.
+trait Scanned {
+    /// The number of rows, before the first user.
+    fn rows(&mut self, _rows: usize) {}
+    fn user(&mut self, user: UserRecord);
+}
+
+impl Scanned for Vec<UserRecord> {
+    fn rows(&mut self, rows: usize) {
+        self.reserve(rows);
+    }
+    fn user(&mut self, user: UserRecord) {
+        self.push(user);
+    }
+}
+
+/// Users per batch of [`SqliteStore::stream_users`].
+const STREAM_BATCH: usize = 1024;
+
+/// Sends the users on in batches of [`STREAM_BATCH`]; stops sending once the receiver is gone.
+struct Batches {
+    sink: Option<UserBatches>,
+    batch: Vec<UserRecord>,
+}
+
+impl Batches {
+    fn send(&mut self) {
+        if let Some(sink) = &self.sink
+            && sink.send(std::mem::replace(&mut self.batch, Vec::with_capacity(STREAM_BATCH))).is_err()
+        {
+            self.sink = None;
+        }
+    }
+}
+
+impl Scanned for Batches {
+    fn user(&mut self, user: UserRecord) {
+        if self.sink.is_some() {
+            self.batch.push(user);
+            if self.batch.len() == STREAM_BATCH {
+                self.send();
+            }
+        }
+    }
+}
+
+fn stream_users_blocking(conn: &mut Connection, model_id: &str, sink: UserBatches) -> Result<LoadedUsers, StoreError> {
+    let mut batches = Batches { sink: Some(sink), batch: Vec::with_capacity(STREAM_BATCH) };
+    let loaded = scan_users(conn, model_id, &mut batches)?;
+    if !batches.batch.is_empty() {
+        batches.send();
+    }
+    Ok(loaded)
+}
+
+/// Reads every comparable user (see [`LoadedUsers`]) into `out`; the answer has the counts
+/// and no `users`.
+fn scan_users(conn: &mut Connection, model_id: &str, out: &mut dyn Scanned) -> Result<LoadedUsers, StoreError> {
     // One read transaction: the count and the scan see the same snapshot.
     let tx = conn.transaction().map_err(sql_err)?;
-    let total: i64 = tx.query_row("SELECT count(*) FROM users", [], |r| r.get(0)).map_err(sql_err)?;
-    let mut loaded = LoadedUsers { users: Vec::with_capacity(usize::try_from(total).unwrap_or(0)), other_model: 0, malformed: 0 };
+    let rows: i64 = tx.query_row("SELECT count(*) FROM users", [], |r| r.get(0)).map_err(sql_err)?;
+    out.rows(usize::try_from(rows).unwrap_or(0));
+    let mut loaded = LoadedUsers { users: Vec::new(), other_model: 0, malformed: 0 };
     {
         // Table order (rowid), not name order: a name order would read the table through its
         // index, one random page per row.
@@ -312,7 +378,7 @@ fn load_users_blocking(conn: &mut Connection, model_id: &str) -> Result<LoadedUs
                     continue;
                 }
             };
-            loaded.users.push(UserRecord {
+            out.user(UserRecord {
                 username,
                 embedding,
                 samples: samples_from(row.get(2).map_err(sql_err)?),
@@ -424,6 +490,11 @@ impl FaceStore for SqliteStore {
     async fn load_users(&self, model_id: &str) -> Result<LoadedUsers, StoreError> {
         let model_id = model_id.to_owned();
         self.call(move |conn| load_users_blocking(conn, &model_id)).await
+    }
+
+    async fn stream_users(&self, model_id: &str, sink: UserBatches) -> Result<LoadedUsers, StoreError> {
+        let model_id = model_id.to_owned();
+        self.call(move |conn| stream_users_blocking(conn, &model_id, sink)).await
     }
 
     async fn create_user(&self, username: &str) -> Result<UserRecord, StoreError> {
@@ -749,6 +820,33 @@ mod tests {
         let fixed = store.enroll("short", &[unit(6)], "m1").await.unwrap();
         assert_eq!(fixed.samples, 1);
         assert_eq!(store.load_users("m1").await.unwrap().malformed, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn streaming_gives_what_a_load_gives_in_batches() {
+        let dir = TempDir::new("stream");
+        let store = SqliteStore::open(&dir.db()).unwrap();
+        let n = 2 * STREAM_BATCH + 7;
+        for i in 0..n {
+            insert_raw(&store, &format!("u{i}"), Some(encode_embedding(&unit(i as u64))), 1, Some(if i % 100 == 0 { "m2" } else { "m1" }));
+        }
+        insert_raw(&store, "short", Some(vec![0u8; 100]), 1, Some("m1"));
+        let loaded = store.load_users("m1").await.unwrap();
+
+        let (sink, batches) = std::sync::mpsc::sync_channel(1);
+        let reader = std::thread::spawn(move || batches.into_iter().collect::<Vec<Vec<UserRecord>>>());
+        let streamed = store.stream_users("m1", sink).await.unwrap();
+        let batches = reader.join().unwrap();
+        assert_eq!((streamed.malformed, streamed.other_model, streamed.users.len()), (loaded.malformed, loaded.other_model, 0));
+        assert_eq!((streamed.malformed, streamed.other_model), (1, n.div_ceil(100)));
+        assert_eq!(batches.len(), loaded.users.len().div_ceil(STREAM_BATCH));
+        assert!(batches.iter().all(|b| b.len() <= STREAM_BATCH));
+        assert_eq!(batches.into_iter().flatten().collect::<Vec<_>>(), loaded.users, "the same users in the same order");
+
+        // A receiver that is gone stops the sending, not the load.
+        let (sink, batches) = std::sync::mpsc::sync_channel(1);
+        drop(batches);
+        assert_eq!(store.stream_users("m1", sink).await.unwrap().malformed, 1);
     }
 
     #[tokio::test(flavor = "multi_thread")]
