@@ -330,11 +330,12 @@ pub fn run(cfg: ServeConfig, opts: RecognizeBench) -> anyhow::Result<()> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     let photos: Vec<Vec<u8>> =
         PHOTOS.iter().map(|p| std::fs::read(opts.fixtures.join(p)).with_context(|| format!("reading {p}"))).collect::<Result<_, _>>()?;
-    let runtime = Runtime::init(&cfg.models.runtime_options(usize::from(cfg.workers)))?;
+    let runtime_options = cfg.models.runtime_options(usize::from(cfg.workers));
+    let runtime = Runtime::init(&runtime_options)?;
     let pack_dir = crate::fetch::ensure_pack(&cfg.models.model_cache_dir, &cfg.models.model_pack)?;
     let mut analyzer = FaceAnalyzer::load(&runtime, &pack_dir, analyzer_options(cfg.det_size))?;
     let crops = face_crops(&mut analyzer, &photos, CROP_SIDE)?;
-    let threads = cfg.models.runtime_options(usize::from(cfg.workers)).intra_threads;
+    let threads = runtime_options.intra_threads;
     println!(
         "bench recognize: {} face crops of {CROP_SIDE}x{CROP_SIDE} from {} photos; det {}; workers {}, intra threads {threads}, batch {}, wait {} us, queue {}",
         crops.len(),

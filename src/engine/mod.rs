@@ -369,6 +369,7 @@ fn run_batch(analyzer: &mut FaceAnalyzer, ctx: &WorkerCtx, first: Job) {
                 let embeddings: Vec<Vec<f32>> = all.by_ref().take(n).collect();
                 j.times.embed = embed_times.embed;
                 j.times.embed_model = embed_times.embed_model;
+                let inference = j.taken.elapsed();
                 let result = j.prepared.into_faces(embeddings).map_err(|e| EngineError::Internal(e.to_string())).map(|faces| {
                     faces_embedded += faces.len() as u64;
                     Analysis {
@@ -378,7 +379,7 @@ fn run_batch(analyzer: &mut FaceAnalyzer, ctx: &WorkerCtx, first: Job) {
                         height: j.size.1,
                         times: j.times,
                         queued: j.queued,
-                        inference: j.taken.elapsed(),
+                        inference,
                         batch_jobs: jobs_in_batch,
                     }
                 });
@@ -386,7 +387,6 @@ fn run_batch(analyzer: &mut FaceAnalyzer, ctx: &WorkerCtx, first: Job) {
                     Ok(_) => done += 1,
                     Err(_) => failed += 1,
                 }
-                let inference = j.taken.elapsed();
                 answers.push((j.reply, Reply { result, queued: j.queued, inference }));
             }
         }

@@ -145,9 +145,10 @@ pub trait FaceStore: Send + Sync + 'static {
     async fn load_users(&self, model_id: &str) -> Result<LoadedUsers, StoreError>;
 
     /// [`FaceStore::load_users`] in batches sent to `sink` as they are read, so that the load
-    /// at start builds the gallery while the store still reads, and never holds every
-    /// template twice. The answer has the counts and no `users`. The default sends what
-    /// `load_users` gives as one batch (the sink must hold at least one, so this never blocks).
+    /// at start builds the gallery while the store still reads and never holds every
+    /// template twice. The answer has the counts and no `users`. The default (MongoDB uses
+    /// it) sends what `load_users` gives as one batch, so it does hold every template twice
+    /// for a while; the sink must hold at least one batch, so it never blocks.
     async fn stream_users(&self, model_id: &str, sink: UserBatches) -> Result<LoadedUsers, StoreError> {
         let mut loaded = self.load_users(model_id).await?;
         let users = std::mem::take(&mut loaded.users);
