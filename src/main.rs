@@ -217,6 +217,7 @@ fn load_analyzer(models: &ModelConfig, det_size: u32) -> anyhow::Result<FaceAnal
         detector = %analyzer.files().detector.display(),
         recognizer = %analyzer.model_id(),
         provider = %runtime.active_provider().map(|p| p.to_string()).unwrap_or_default(),
+        backend = %runtime.active_backend().map(|b| b.to_string()).unwrap_or_default(),
         "models loaded"
     );
     Ok(analyzer)

@@ -109,6 +109,7 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
     .with_context(|| format!("preparing {} and {}", cfg.log_file.display(), cfg.photo_dir.display()))?;
     tracing::info!(
         provider = %info.provider,
+        backend = %info.backend,
         pack = %cfg.models.model_pack,
         recognizer = %info.model_id,
         users = gallery.len(),

@@ -259,11 +259,8 @@ fn the_built_in_face_is_found_at_common_det_sizes() {
     use facerec::face::image::{ImageLimits, decode};
     let rgb = decode(facerec::api::ready::READY_FACE, &ImageLimits::default()).expect("the built-in photo decodes").rgb;
     let runtime = facerec::runtime::Runtime::init(&facerec::runtime::RuntimeOptions {
-        provider: facerec::runtime::ProviderChoice::Cpu,
-        cache_dir: support::model_cache_dir(),
         dylib_path: std::env::var_os("ORT_DYLIB_PATH").map(Into::into),
-        intra_threads: 2,
-        intra_spinning: false,
+        ..facerec::runtime::RuntimeOptions::cpu(support::model_cache_dir(), facerec::runtime::BackendChoice::OnnxRuntime, 2)
     })
     .expect("ONNX Runtime");
     let pack = facerec::fetch::ensure_pack(&support::model_cache_dir(), "buffalo_sc").expect("pack");

@@ -8,12 +8,12 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
-use crate::runtime::ActiveProvider;
+use crate::runtime::{ActiveBackend, ActiveProvider};
 use crate::store::StoreKind;
 
 /// Health answer.
 #[derive(Debug, Serialize, ToSchema)]
-#[schema(example = json!({"status": "ok", "version": "0.1.0", "execution_provider": "cpu", "model_pack": "buffalo_sc", "model_id": "w600k_mbf@9cc6e4a75f0e", "users": 42, "face_records": 7, "store": "sqlite", "skipped_other_model": 0, "skipped_malformed": 0}))]
+#[schema(example = json!({"status": "ok", "version": "0.1.0", "execution_provider": "cpu", "inference_backend": "openvino", "backend_reason": "auto: openvino 9.8 ms against onnxruntime 17.1 ms per probe pass (median of 7, interleaved)", "model_pack": "buffalo_sc", "model_id": "w600k_mbf@9cc6e4a75f0e", "users": 42, "face_records": 7, "store": "sqlite", "skipped_other_model": 0, "skipped_malformed": 0}))]
 pub struct Health {
     /// "ok" once the models are loaded (the server listens only then).
     pub status: String,
@@ -21,6 +21,10 @@ pub struct Health {
     /// The execution provider sessions actually run on.
     #[schema(value_type = String, example = "cpu")]
     pub execution_provider: ActiveProvider,
+    /// The inference library the models run on: onnxruntime or openvino.
+    pub inference_backend: ActiveBackend,
+    /// Why: the setting, or under `auto` the start-up measurement.
+    pub backend_reason: String,
     pub model_pack: String,
     /// Recognizer id stored with every template.
     pub model_id: String,
@@ -43,6 +47,8 @@ pub async fn health(State(st): State<Arc<AppState>>) -> Json<Health> {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         execution_provider: info.provider,
+        inference_backend: info.backend,
+        backend_reason: info.backend_reason.clone(),
         model_pack: st.model_pack.clone(),
         model_id: info.model_id.clone(),
         users: st.gallery.len(),

@@ -23,14 +23,20 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let mut out = Exposition::new();
     metrics::global().render(&mut out);
     let info = st.engine.info();
-    out.header("facerec_build_info", "Version, model pack, recognizer, execution provider and store of this process (value 1).", "gauge");
-    let (version, provider, store) = (env!("CARGO_PKG_VERSION"), info.provider.to_string(), format!("{:?}", st.store_kind).to_lowercase());
+    out.header(
+        "facerec_build_info",
+        "Version, model pack, recognizer, inference backend, execution provider and store of this process (value 1).",
+        "gauge",
+    );
+    let (version, provider, backend, store) =
+        (env!("CARGO_PKG_VERSION"), info.provider.to_string(), info.backend.to_string(), format!("{:?}", st.store_kind).to_lowercase());
     out.sample(
         "facerec_build_info",
         &[
             ("version", version),
             ("model_pack", &st.model_pack),
             ("model_id", &info.model_id),
+            ("inference_backend", &backend),
             ("execution_provider", &provider),
             ("store", &store),
         ],

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::face::image::{DecodedImage, ImageKind, ImageLimits, decode};
 use crate::face::{AnalyzerOptions, Face, FaceAnalyzer, FaceError, PackFiles, Prepared, StageTimes};
-use crate::runtime::{ActiveProvider, Runtime};
+use crate::runtime::{ActiveBackend, ActiveProvider, Runtime};
 use queue::{JobQueue, Pushed};
 
 /// Engine sizing.
@@ -108,6 +108,9 @@ pub struct ModelInfo {
     pub model_id: String,
     pub embedding_dim: usize,
     pub provider: ActiveProvider,
+    /// The inference library the sessions run on, and why it was chosen.
+    pub backend: ActiveBackend,
+    pub backend_reason: String,
     pub files: PackFiles,
 }
 
@@ -204,6 +207,8 @@ impl Engine {
             model_id: first.model_id().to_string(),
             embedding_dim: first.embedding_dim(),
             provider: runtime.active_provider().unwrap_or(ActiveProvider::Cpu),
+            backend: runtime.active_backend().unwrap_or(ActiveBackend::OnnxRuntime),
+            backend_reason: runtime.backend_reason(),
             files,
         };
         let queue = Arc::new(JobQueue::new(cfg.queue.max(1)));

@@ -5,11 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use image::RgbImage;
-use ort::session::Session;
-use ort::value::TensorRef;
-
 use super::{FaceError, resample};
+use crate::runtime::ModelSession;
+use image::RgbImage;
 
 /// One detected face, in the coordinates of the image given to [`Detector::detect`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -78,7 +76,7 @@ impl Default for DetectOptions {
 
 /// The SCRFD detector session.
 pub struct Detector {
-    session: Session,
+    session: Box<dyn ModelSession>,
     layout: ScrfdLayout,
     /// Input (width, height) fixed by the model, when it is not dynamic.
     fixed_size: Option<(u32, u32)>,
@@ -86,13 +84,12 @@ pub struct Detector {
 
 impl Detector {
     /// Wraps a session whose outputs are SCRFD's.
-    pub fn new(session: Session) -> Result<Detector, FaceError> {
-        let layout = ScrfdLayout::from_output_count(session.outputs().len())
-            .ok_or_else(|| FaceError::Model(format!("not an SCRFD detector: {} outputs", session.outputs().len())))?;
-        let fixed_size = session.inputs().first().and_then(|i| i.dtype().tensor_shape()).and_then(|s| {
-            let d: &[i64] = s;
-            (d.len() == 4 && d[2] > 0 && d[3] > 0).then(|| (d[3] as u32, d[2] as u32))
-        });
+    pub fn new(session: Box<dyn ModelSession>) -> Result<Detector, FaceError> {
+        let sig = session.signature();
+        let layout = ScrfdLayout::from_output_count(sig.outputs.len())
+            .ok_or_else(|| FaceError::Model(format!("not an SCRFD detector: {} outputs", sig.outputs.len())))?;
+        let d = &sig.input;
+        let fixed_size = (d.len() == 4 && d[2] > 0 && d[3] > 0).then(|| (d[3] as u32, d[2] as u32));
         Ok(Detector { session, layout, fixed_size })
     }
 
@@ -111,19 +108,15 @@ impl Detector {
         let (det_w, det_h) = self.input_size(opts.det_size);
         let lb = letterbox(img, det_w, det_h)?;
         let started = Instant::now();
-        let outputs = self
-            .session
-            .run(ort::inputs![
-                TensorRef::from_array_view(([1usize, 3, det_h as usize, det_w as usize], lb.blob.as_slice())).map_err(ort_err)?
-            ])
-            .map_err(ort_err)?;
+        let outputs = self.session.run(&[1, 3, det_h as usize, det_w as usize], &lb.blob).map_err(FaceError::Model)?;
         *model_time += started.elapsed();
         let fmc = self.layout.strides.len();
         let mut dets = Vec::new();
         for (idx, &stride) in self.layout.strides.iter().enumerate() {
-            let (_, scores) = outputs[idx].try_extract_tensor::<f32>().map_err(ort_err)?;
-            let (_, boxes) = outputs[idx + fmc].try_extract_tensor::<f32>().map_err(ort_err)?;
-            let kps = if self.layout.use_kps { Some(outputs[idx + 2 * fmc].try_extract_tensor::<f32>().map_err(ort_err)?.1) } else { None };
+            let output =
+                |i: usize| outputs.get(i).map(Vec::as_slice).ok_or_else(|| FaceError::Model(format!("detector output {i} missing")));
+            let (scores, boxes) = (output(idx)?, output(idx + fmc)?);
+            let kps = if self.layout.use_kps { Some(output(idx + 2 * fmc)?) } else { None };
             let grid = StrideGrid { stride, width: det_w / stride, height: det_h / stride, num_anchors: self.layout.num_anchors };
             decode_stride(&grid, scores, boxes, kps, opts.score_threshold, &mut dets)?;
         }
@@ -139,10 +132,6 @@ impl Detector {
         }
         Ok(nms(dets, opts.nms_threshold))
     }
-}
-
-fn ort_err(e: impl std::fmt::Display) -> FaceError {
-    FaceError::Model(e.to_string())
 }
 
 /// The detector's input: an NCHW f32 blob and the scale from image to blob coordinates.

@@ -20,7 +20,7 @@ pub use detector::{DetectOptions, Detection};
 pub use pack::PackFiles;
 pub use recognizer::{InputNorm, cosine};
 
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::{Runtime, RuntimeError, Workload};
 
 /// What can go wrong between image bytes and embeddings.
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +190,14 @@ impl FaceAnalyzer {
 
     /// Loads already-resolved pack files (one resolve, many workers).
     pub fn from_files(runtime: &Runtime, files: PackFiles, opts: AnalyzerOptions) -> Result<FaceAnalyzer, FaceError> {
+        // Under INFERENCE_BACKEND=auto the first analyzer decides the backend, timing this
+        // pack's own detector (at this input size) and recognizer (one face, and a batch).
+        let (w, h) = opts.detect.det_size;
+        runtime.decide(&[
+            Workload { path: files.detector.clone(), shape: vec![1, 3, h as usize, w as usize] },
+            Workload { path: files.recognizer.clone(), shape: vec![1, 3, 112, 112] },
+            Workload { path: files.recognizer.clone(), shape: vec![8, 3, 112, 112] },
+        ])?;
         let detector = detector::Detector::new(runtime.load_session(&files.detector)?)?;
         let recognizer = recognizer::Recognizer::new(runtime.load_session(&files.recognizer)?, files.recognizer_norm)?;
         Ok(FaceAnalyzer { detector, recognizer, files, opts })

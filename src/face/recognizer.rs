@@ -4,11 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use image::RgbImage;
-use ort::session::Session;
-use ort::value::TensorRef;
-
 use super::FaceError;
+use crate::runtime::ModelSession;
+use image::RgbImage;
 
 /// Per-channel input normalisation: (x - mean) / std.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,7 +24,7 @@ impl InputNorm {
 
 /// The ArcFace recognizer session.
 pub struct Recognizer {
-    session: Session,
+    session: Box<dyn ModelSession>,
     input_size: u32,
     norm: InputNorm,
     dim: usize,
@@ -36,12 +34,12 @@ pub struct Recognizer {
 
 impl Recognizer {
     /// Wraps a session whose input is N x 3 x S x S and output N x D.
-    pub fn new(session: Session, norm: InputNorm) -> Result<Recognizer, FaceError> {
-        let shape: Vec<i64> = session.inputs().first().and_then(|i| i.dtype().tensor_shape()).map(|s| s.to_vec()).unwrap_or_default();
+    pub fn new(session: Box<dyn ModelSession>, norm: InputNorm) -> Result<Recognizer, FaceError> {
+        let shape = session.signature().input.clone();
         if shape.len() != 4 || shape[2] != shape[3] || shape[2] < 112 || shape[2] % 16 != 0 {
             return Err(FaceError::Model(format!("not an ArcFace recognizer: input shape {shape:?}")));
         }
-        let out: Vec<i64> = session.outputs().first().and_then(|o| o.dtype().tensor_shape()).map(|s| s.to_vec()).unwrap_or_default();
+        let out = session.signature().outputs.first().cloned().unwrap_or_default();
         let dim = match out.last() {
             Some(&d) if d > 0 => d as usize,
             _ => return Err(FaceError::Model(format!("recognizer output shape {out:?} has no embedding size"))),
@@ -82,21 +80,14 @@ impl Recognizer {
         let blob = to_blob(crops, self.input_size, self.norm)?;
         let n = crops.len();
         let started = Instant::now();
-        let outputs = self
-            .session
-            .run(ort::inputs![TensorRef::from_array_view(([n, 3, s, s], blob.as_slice())).map_err(ort_err)?])
-            .map_err(ort_err)?;
+        let outputs = self.session.run(&[n, 3, s, s], &blob).map_err(FaceError::Model)?;
         *model_time += started.elapsed();
-        let (_, data) = outputs[0].try_extract_tensor::<f32>().map_err(ort_err)?;
+        let data = outputs.first().ok_or_else(|| FaceError::Model("recognizer gave no output".into()))?;
         if data.len() != n * self.dim {
             return Err(FaceError::Model(format!("recognizer returned {} values for {n} faces of {}", data.len(), self.dim)));
         }
         Ok(data.chunks_exact(self.dim).map(l2_normalized).collect())
     }
-}
-
-fn ort_err(e: impl std::fmt::Display) -> FaceError {
-    FaceError::Model(e.to_string())
 }
 
 /// NCHW f32 blob of RGB crops, each `size` x `size`, normalised with `norm`.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use facerec::face::{AnalyzerOptions, FaceAnalyzer};
 use facerec::fetch;
-use facerec::runtime::{ProviderChoice, Runtime, RuntimeOptions};
+use facerec::runtime::{BackendChoice, Runtime, RuntimeOptions};
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -27,11 +27,8 @@ pub fn runtime() -> Arc<Runtime> {
     Arc::clone(RT.get_or_init(|| {
         Arc::new(
             Runtime::init(&RuntimeOptions {
-                provider: ProviderChoice::Cpu,
-                cache_dir: cache_dir(),
                 dylib_path: std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
-                intra_threads: 2,
-                intra_spinning: false,
+                ..RuntimeOptions::cpu(cache_dir(), BackendChoice::OnnxRuntime, 2)
             })
             .expect("ONNX Runtime loads (fetched from PyPI on first use)"),
         )

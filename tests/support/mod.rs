@@ -98,8 +98,19 @@ pub fn tail(path: &Path, max: usize) -> String {
 }
 
 /// Service settings never inherited from the environment of `cargo test` (with `MONGO_*`).
-const INHERITED_SETTINGS_DROPPED: &[&str] =
-    &["DET_SIZE", "WORKERS", "QUEUE_SIZE", "MAX_BODY_BYTES", "INTRA_THREADS", "JWT_SECRET_KEY", "API_KEYS", "RUST_LOG", "LOG_FORMAT"];
+const INHERITED_SETTINGS_DROPPED: &[&str] = &[
+    "DET_SIZE",
+    "WORKERS",
+    "QUEUE_SIZE",
+    "MAX_BODY_BYTES",
+    "INTRA_THREADS",
+    "INFERENCE_BACKEND",
+    "OPENVINO_PRECISION",
+    "JWT_SECRET_KEY",
+    "API_KEYS",
+    "RUST_LOG",
+    "LOG_FORMAT",
+];
 
 /// The `facerec` binary serving HTTP on 127.0.0.1, with its database, audit log and photo
 /// folder inside `dir`. Killed on drop.

@@ -1,6 +1,5 @@
-//! The ONNX Runtime environment: which shared library is loaded, which execution provider
-//! is actually in use, and how sessions are built. The only module that talks to `ort`'s
-//! environment; `face/` asks it for sessions.
+//! The ONNX Runtime backend: which shared library is loaded, which execution provider
+//! is actually in use, and how sessions are built. The only module that talks to `ort`.
 //!
 //! The library is loaded dynamically (`ort`'s `load-dynamic`): `ORT_DYLIB_PATH` if set,
 //! else the copy cached by [`crate::fetch`], fetched from PyPI on first use.
@@ -14,7 +13,9 @@ use ort::environment::Environment;
 use ort::logging::LogLevel;
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::value::TensorRef;
 
+use super::{ModelSession, ModelSignature, RuntimeError, RuntimeOptions};
 use crate::fetch::{self, RuntimeFlavor};
 
 /// What the operator asked for (`EXECUTION_PROVIDER`).
@@ -66,44 +67,8 @@ impl fmt::Display for ActiveProvider {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
-    #[error(transparent)]
-    Fetch(#[from] fetch::FetchError),
-    #[error(
-        "could not load ONNX Runtime from {path}: {reason}. Point ORT_DYLIB_PATH at a libonnxruntime.so of version 1.31, or unset it to use the cached copy"
-    )]
-    Load { path: PathBuf, reason: String },
-    #[error("ONNX Runtime: {0}")]
-    Ort(String),
-    #[error(
-        "EXECUTION_PROVIDER=cuda, but this build has no CUDA support: rebuild with `cargo build --release --features cuda`, or set EXECUTION_PROVIDER=auto or cpu"
-    )]
-    CudaNotBuilt,
-    #[error(
-        "EXECUTION_PROVIDER=cuda, but the CUDA provider could not start: {0}. Check the GPU driver, CUDA 12 and cuDNN 9 libraries, or set EXECUTION_PROVIDER=auto or cpu"
-    )]
-    CudaUnavailable(String),
-    #[error("could not load model {path}: {reason}")]
-    Model { path: PathBuf, reason: String },
-}
-
-/// Options for [`Runtime::init`].
-#[derive(Debug, Clone)]
-pub struct RuntimeOptions {
-    pub provider: ProviderChoice,
-    /// Where the cached ONNX Runtime library lives (the model cache directory).
-    pub cache_dir: PathBuf,
-    /// `ORT_DYLIB_PATH`, when set.
-    pub dylib_path: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads per session.
-    pub intra_threads: usize,
-    /// Whether idle intra-op threads spin after a run (ONNX Runtime's default) or sleep.
-    pub intra_spinning: bool,
-}
-
 /// The loaded ONNX Runtime and the provider in use. One per process.
-pub struct Runtime {
+pub struct OnnxRuntime {
     env: Environment,
     choice: ProviderChoice,
     dylib: PathBuf,
@@ -113,9 +78,9 @@ pub struct Runtime {
     active: Mutex<Option<ActiveProvider>>,
 }
 
-impl fmt::Debug for Runtime {
+impl fmt::Debug for OnnxRuntime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Runtime")
+        f.debug_struct("OnnxRuntime")
             .field("choice", &self.choice)
             .field("dylib", &self.dylib)
             .field("active", &self.active_provider())
@@ -123,9 +88,9 @@ impl fmt::Debug for Runtime {
     }
 }
 
-impl Runtime {
+impl OnnxRuntime {
     /// Loads the shared library (fetching it when needed) and creates the environment.
-    pub fn init(opts: &RuntimeOptions) -> Result<Runtime, RuntimeError> {
+    pub fn init(opts: &RuntimeOptions) -> Result<OnnxRuntime, RuntimeError> {
         if opts.provider == ProviderChoice::Cuda && !cfg!(feature = "cuda") {
             return Err(RuntimeError::CudaNotBuilt);
         }
@@ -140,7 +105,7 @@ impl Runtime {
         let builder = ort::init_from(&dylib).map_err(|e| RuntimeError::Load { path: dylib.clone(), reason: e.to_string() })?;
         let env = builder.with_name("facerec").with_telemetry(false).build().map_err(|e| RuntimeError::Ort(e.to_string()))?;
         tracing::info!(library = %dylib.display(), requested = %opts.provider, "ONNX Runtime loaded");
-        Ok(Runtime {
+        Ok(OnnxRuntime {
             env,
             choice: opts.provider,
             dylib,
@@ -186,7 +151,12 @@ impl Runtime {
     }
 
     /// Builds a session for `path` on the provider in use (deciding it on the first call).
-    pub fn load_session(&self, path: &Path) -> Result<Session, RuntimeError> {
+    pub fn load_session(&self, path: &Path) -> Result<OrtSession, RuntimeError> {
+        let session = self.load_ort_session(path)?;
+        Ok(OrtSession::new(session))
+    }
+
+    fn load_ort_session(&self, path: &Path) -> Result<Session, RuntimeError> {
         let model_err = |e: String| RuntimeError::Model { path: path.to_path_buf(), reason: e };
         let decided = self.active_provider();
         if decided == Some(ActiveProvider::Cpu) {
@@ -238,6 +208,38 @@ impl Runtime {
     #[cfg(not(feature = "cuda"))]
     fn commit_cuda(&self, _path: &Path) -> Result<Session, String> {
         Err("this build has no CUDA support (cargo feature `cuda`)".into())
+    }
+}
+
+/// An ONNX Runtime session behind [`ModelSession`].
+pub struct OrtSession {
+    session: Session,
+    signature: ModelSignature,
+}
+
+impl OrtSession {
+    fn new(session: Session) -> OrtSession {
+        let shape = |d: Option<&[i64]>| d.map(<[i64]>::to_vec).unwrap_or_default();
+        let input = shape(session.inputs().first().and_then(|i| i.dtype().tensor_shape().map(|s| &**s)));
+        let outputs = session.outputs().iter().map(|o| shape(o.dtype().tensor_shape().map(|s| &**s))).collect();
+        OrtSession { session, signature: ModelSignature { input, outputs } }
+    }
+}
+
+impl ModelSession for OrtSession {
+    fn signature(&self) -> &ModelSignature {
+        &self.signature
+    }
+
+    fn run(&mut self, shape: &[usize], input: &[f32]) -> Result<Vec<Vec<f32>>, String> {
+        let tensor = TensorRef::from_array_view((shape.to_vec(), input)).map_err(|e| e.to_string())?;
+        let outputs = self.session.run(ort::inputs![tensor]).map_err(|e| e.to_string())?;
+        let mut out = Vec::with_capacity(outputs.len());
+        for (_, value) in outputs.iter() {
+            let (_, data) = value.try_extract_tensor::<f32>().map_err(|e| e.to_string())?;
+            out.push(data.to_vec());
+        }
+        Ok(out)
     }
 }
 
