@@ -11,7 +11,7 @@ use crate::api::auth::AuthConfig;
 use crate::api::faces::FaceIndex;
 use crate::api::{self, AppState};
 use crate::audit::{AuditConfig, AuditHandle};
-use crate::config::{ServeConfig, analyzer_options};
+use crate::config::ServeConfig;
 use crate::engine::{Engine, EngineConfig};
 use crate::face::pack;
 use crate::fetch;
@@ -64,7 +64,7 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
         queue: cfg.queue_size as usize,
         batch_size: usize::from(cfg.batch_size),
         batch_wait: std::time::Duration::from_micros(u64::from(cfg.batch_wait_us)),
-        analyzer: analyzer_options(cfg.det_size),
+        analyzer: cfg.analyzer_options(),
         limits: cfg.image_limits(),
     };
     let engine = {
@@ -135,6 +135,7 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
         skipped_malformed: loaded.malformed,
         writes: tokio::sync::Mutex::new(()),
         limits: cfg.request_limits(),
+        legacy_status: cfg.legacy_status,
     });
     // A shared store (MongoDB): follow the other replicas' writes into the gallery.
     if let Some(feed) = state.store.follow().await.context("following other replicas' writes")? {

@@ -678,6 +678,10 @@ async fn run_cases() {
         &MAX_BODY.to_string(),
         "--max-crops",
         &MAX_CROPS.to_string(),
+        // Proper statuses, so that every refusal below is a 4xx (the original's HTTP 200 answers,
+        // the default, are tested in tests/api.rs).
+        "--legacy-status",
+        "http",
         "--max-files",
         &MAX_FILES.to_string(),
         "--max-name-chars",
