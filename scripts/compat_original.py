@@ -226,6 +226,7 @@ def main():
         wait_http(F + "/health", fr_proc, "facerec")
         run(O, F, client)
         compare_files(seed_dir, fr_dir)
+        documented(O, F)
     finally:
         stop_all()
     print()
@@ -340,6 +341,64 @@ def faces_set(faces_dir):
                 total += 1
                 same += a["name"] == b["name"] and abs(a["similarity"] - b["similarity"]) <= SIM_TOL
     check(same == total, f"face set: {same} of {total} crops named alike with similarities within {SIM_TOL}")
+
+
+def documented(O, F):
+    """The rows of the README's table of differences that a request shows: each must differ as
+    the table says (a table row that no longer holds is a failure too). Run after the files were
+    compared, since some of these write crops only the original keeps."""
+    def row(what, o, f, holds):
+        try:
+            ok = holds(o, f)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            ok = False
+            print(f"      ({e!r})")
+        if check(ok, f"documented difference, {what}", f"original {o.status_code} {o.text[:160]!r}, facerec {f.status_code} {f.text[:160]!r}"):
+            note(f"as documented: {what} (original {o.status_code}, facerec {f.status_code})")
+
+    jpg = fixture("img11.jpg")
+    o, f = both("POST", "/calculate_average_embedding", data={"username": "alice"}, files=[("files", "img11.jpg", jpg)])
+    def second(o, f):
+        a, b = np.array(o.json()["embedding"]), np.array(f.json()["embedding"])
+        cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+        print(f"      second enrolment: template cosine {cos:.5f}; norms {np.linalg.norm(a):.4f} vs {np.linalg.norm(b):.4f}")
+        return o.status_code == f.status_code == 200 and abs(np.linalg.norm(b) - 1) < 1e-3 and np.linalg.norm(a) < 0.9999
+    row("a second enrolment: (old + new) / 2 unnormalised vs the weighted, normalised mean", o, f, second)
+    o, f = both("POST", "/calculate_average_embedding", files=[("files", "img11.jpg", jpg)])
+    row("enrolment without username: FastAPI 422 vs 400 invalid_request", o, f,
+        lambda o, f: o.status_code == 422 and "detail" in o.json() and f.status_code == 400 and f.json()["code"] == "invalid_request")
+    o, f = both("POST", "/recognize", data="{not json", headers={"content-type": "application/json"})
+    row("a body that is not JSON: 500 vs 400 invalid_json", o, f, lambda o, f: o.status_code == 500 and f.status_code == 400 and f.json()["code"] == "invalid_json")
+    o, f = both("POST", "/recognize", json=[1, 2])
+    row("a body that is not an object: 500 vs 400 invalid_request", o, f, lambda o, f: o.status_code == 500 and f.status_code == 400)
+    o, f = both("POST", "/recognize", json={"bboxes": "nope"})
+    row("`bboxes` not a list: 500 vs 400 invalid_request", o, f, lambda o, f: o.status_code == 500 and f.status_code == 400)
+    o, f = both("POST", "/recognize", json={"bboxes": [{"bbox": [1, 2, 3, 4]}, {"crop": b64(jpg)}]})
+    row("an entry without crop: 500 for the whole request vs that entry's error", o, f,
+        lambda o, f: o.status_code == 500 and f.status_code == 200 and f.json()["meta"]["bboxes"][0]["error"]["code"] == "invalid_request"
+        and f.json()["meta"]["bboxes"][1]["name"] == "alice")
+    o, f = both("POST", "/recognize", json={"bboxes": [{"crop": "!!not base64!!"}]})
+    row("a crop that is not base64: 500 vs the entry's error", o, f,
+        lambda o, f: o.status_code == 500 and f.json()["meta"]["bboxes"][0]["error"]["code"] == "invalid_base64")
+    o, f = both("POST", "/recognize", json={"bboxes": [{"crop": b64(b"plain text")}]})
+    row("a crop that is not an image: Unknown 1 and 0.0 in both, plus facerec's error", o, f,
+        lambda o, f: [(e["name"], e["similarity"]) for e in o.json()["meta"]["bboxes"]] == [("Unknown 1", 0.0)]
+        and f.json()["meta"]["bboxes"][0]["name"] == "Unknown 1" and f.json()["meta"]["bboxes"][0]["error"]["code"] == "invalid_image")
+    o, f = both("POST", "/recognize", json={"status": "forged", "bboxes": []})
+    row("a client-sent top-level status: kept in meta vs dropped", o, f,
+        lambda o, f: o.json()["meta"]["status"] == "forged" and "status" not in f.json()["meta"])
+    o, f = both("POST", "/recognize", data='{"x": 1e400, "bboxes": []}', headers={"content-type": "application/json"})
+    row("a number beyond float range (1e400): the original cannot answer it (500) vs echoed", o, f,
+        lambda o, f: o.status_code == 500 and f.status_code == 200 and '"x":1e+400' in f.text)
+    o, f = both("POST", "/recognize", json={"bboxes": [{"bbox": [1, 2, 3, 4], "crop": b64(jpg), "track_id": 7}]})
+    row("an entry's other fields: dropped vs echoed", o, f,
+        lambda o, f: "track_id" not in o.json()["meta"]["bboxes"][0] and f.json()["meta"]["bboxes"][0]["track_id"] == 7)
+    o, f = both("GET", "/no/such/route")
+    row("an unknown route: 404 FastAPI detail vs 404 not_found", o, f,
+        lambda o, f: o.status_code == f.status_code == 404 and "detail" in o.json() and f.json()["code"] == "not_found")
+    o, f = both("GET", "/recognize")
+    row("a wrong method: 405 FastAPI detail vs 405 method_not_allowed", o, f,
+        lambda o, f: o.status_code == f.status_code == 405 and f.json()["code"] == "method_not_allowed")
 
 
 def compare_files(seed_dir, fr_dir):
