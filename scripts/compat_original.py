@@ -390,6 +390,9 @@ def documented(O, F):
     o, f = both("POST", "/recognize", data='{"x": 1e400, "bboxes": []}', headers={"content-type": "application/json"})
     row("a number beyond float range (1e400): the original cannot answer it (500) vs echoed", o, f,
         lambda o, f: o.status_code == 500 and f.status_code == 200 and '"x":1e+400' in f.text)
+    o, f = both("POST", "/recognize", data='{"note": "\\ud800", "bboxes": []}', headers={"content-type": "application/json"})
+    row("a lone UTF-16 surrogate escape in a string: 500 vs 400 invalid_json", o, f,
+        lambda o, f: o.status_code == 500 and f.status_code == 400 and f.json()["code"] == "invalid_json")
     o, f = both("POST", "/recognize", json={"bboxes": [{"bbox": [1, 2, 3, 4], "crop": b64(jpg), "track_id": 7}]})
     row("an entry's other fields: dropped vs echoed", o, f,
         lambda o, f: "track_id" not in o.json()["meta"]["bboxes"][0] and f.json()["meta"]["bboxes"][0]["track_id"] == 7)
