@@ -34,7 +34,14 @@ pub struct Service {
 pub async fn load_gallery(store: &dyn FaceStore, model_id: &str, dim: usize) -> anyhow::Result<(Gallery, LoadedUsers)> {
     let (sink, batches) = std::sync::mpsc::sync_channel::<Vec<UserRecord>>(4);
     let build = tokio::task::spawn_blocking(move || {
-        Gallery::from_entries(dim, batches.into_iter().flatten().filter(|u| !u.embedding.is_empty()).map(|u| (u.username, u.embedding)))
+        let users = batches.into_iter().flatten().filter(|u| !u.embedding.is_empty());
+        // New users cannot be named so (POST /users refuses it), but a store written by another tool may hold one.
+        let users = users.inspect(|u| {
+            if crate::api::looks_like_unknown(&u.username) {
+                tracing::warn!(user = %u.username, "a user is named like an unknown face (`Unknown <n>`): /recognize answers naming them look like unknown faces; rename the user");
+            }
+        });
+        Gallery::from_entries(dim, users.map(|u| (u.username, u.embedding)))
     });
     let loaded = store.stream_users(model_id, sink).await.context("loading users from the store")?;
     let gallery = build.await.context("building the gallery")?;

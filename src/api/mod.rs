@@ -31,7 +31,7 @@ use crate::gallery::Gallery;
 use crate::store::faces::FaceRecordStore;
 use crate::store::{FaceStore, StoreKind};
 pub use error::{ApiError, ErrorCode};
-pub use extract::RequestLimits;
+pub use extract::{RequestLimits, looks_like_unknown};
 pub use recognize::LegacyStatus;
 
 /// Everything a handler may use. Shared behind an `Arc`.
