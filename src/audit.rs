@@ -2,7 +2,8 @@
 //!
 //! Every `POST /recognize` appends its enriched JSON answer as one line to an NDJSON log file
 //! (default `logs.txt`) and saves each face crop it received in a photo folder (default `photo/`)
-//! as `photo_<name>_<counter>.<ext>`.
+//! as `photo_<name>_<counter>.<ext>` (the name kept readable, only what is unsafe in a file name replaced:
+//! [`safe_name`]; the extension that of the real image format).
 //!
 //! Design:
 //! - One background tokio task owns the log file handle and the photo counter; [`AuditHandle`] is a
@@ -79,7 +80,7 @@ pub const COUNTER_FILE: &str = ".photo_counter";
 pub const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 /// Longest name part of a photo file name, in bytes.
-const MAX_NAME_BYTES: usize = 64;
+const MAX_NAME_BYTES: usize = 128;
 /// Longest accepted file extension.
 const MAX_EXT_BYTES: usize = 10;
 /// Records handed to the blocking pool at once.
@@ -252,16 +253,36 @@ impl AuditHandle {
     }
 }
 
-/// The name made safe for a file name: ASCII letters, digits, `-` and `_` are kept, every other
-/// character (space, `/`, `\`, `.`, NUL, control characters, any non-ASCII character) becomes one `_`;
-/// the result is cut to 64 bytes, and an empty result becomes `unnamed`. It can never be a path, contain
-/// a separator, or start with `.`.
+/// The name made safe for a file name, and still readable: only what is unsafe in a file name is
+/// replaced by `_`: path separators (`/`, `\\`), control characters, invisible format characters
+/// (bidirectional overrides and isolates, zero-width characters, the byte-order mark, line and
+/// paragraph separators), the characters Windows reserves (`< > : " | ? *`) and leading dots. Spaces,
+/// punctuation and letters of any script stay (`Unknown 1`, `José`). The result is cut to
+/// [`MAX_NAME_BYTES`] bytes at a character boundary, so the whole file name stays far below 255
+/// bytes; an empty result becomes `unnamed`. It can never be a path, contain a separator, or start
+/// with `.`.
 pub fn safe_name(name: &str) -> String {
     let mut out = String::with_capacity(name.len().min(MAX_NAME_BYTES));
-    for c in name.chars().take(MAX_NAME_BYTES) {
-        out.push(if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' });
+    let mut leading = true;
+    for c in name.chars() {
+        let unsafe_char = matches!(c, '/' | '\\' | '<' | '>' | ':' | '"' | '|' | '?' | '*')
+            || c.is_control()
+            || is_invisible_format(c)
+            || (leading && c == '.');
+        leading &= c == '.';
+        let c = if unsafe_char { '_' } else { c };
+        if out.len() + c.len_utf8() > MAX_NAME_BYTES {
+            break;
+        }
+        out.push(c);
     }
     if out.is_empty() { "unnamed".to_owned() } else { out }
+}
+
+/// Characters that change how text around them is shown without showing themselves (Unicode's
+/// format characters in common use, and the line and paragraph separators).
+fn is_invisible_format(c: char) -> bool {
+    matches!(c, '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
 }
 
 /// The counter of a photo file name `photo_<name>_<counter>.<ext>`: the last `_`-separated number before
@@ -962,12 +983,12 @@ mod tests {
         let line = json!({"faces": [{"name": "Unknown 1", "score": 0.5, "text": "multi\nline \"quoted\""}], "time": 12});
         let names =
             within(audit.record(AuditRecord { line: line.clone(), crops: vec![crop("Unknown 1", b"\xff\xd8jpeg", "jpg")] })).await.unwrap();
-        assert_eq!(names, vec!["photo_Unknown_1_1.jpg".to_owned()]);
+        assert_eq!(names, vec!["photo_Unknown 1_1.jpg".to_owned()]);
         // The line and the file exist as soon as `record` has answered.
         assert_eq!(log_lines(&cfg), vec![line.clone()]);
         assert_eq!(fs::read_to_string(&cfg.log_file).unwrap().lines().count(), 1);
-        assert_eq!(photo_files(&cfg), BTreeSet::from(["photo_Unknown_1_1.jpg".to_owned()]));
-        assert_eq!(fs::read(cfg.photo_dir.join("photo_Unknown_1_1.jpg")).unwrap(), b"\xff\xd8jpeg");
+        assert_eq!(photo_files(&cfg), BTreeSet::from(["photo_Unknown 1_1.jpg".to_owned()]));
+        assert_eq!(fs::read(cfg.photo_dir.join("photo_Unknown 1_1.jpg")).unwrap(), b"\xff\xd8jpeg");
         within(audit.close()).await.unwrap();
         assert_eq!(log_lines(&cfg), vec![line]);
     }
@@ -1060,7 +1081,7 @@ mod tests {
         }
         let audit = within(AuditHandle::start(cfg.clone())).await.unwrap();
         let names = within(audit.record(AuditRecord { line: json!({"i": 4}), crops: vec![crop("Unknown 1", b"c", "jpg")] })).await.unwrap();
-        assert_eq!(names, vec!["photo_Unknown_1_18.jpg"]);
+        assert_eq!(names, vec!["photo_Unknown 1_18.jpg"]);
         assert_eq!(fs::read(cfg.photo_dir.join("photo_Unknown_1_17.jpg")).unwrap(), b"old");
         assert!(!cfg.photo_dir.join(".photo_c_500.jpg.tmp").exists(), "stale temporary file removed at start");
         within(audit.close()).await.unwrap();
@@ -1083,25 +1104,30 @@ mod tests {
 
     #[test]
     fn safe_names() {
-        assert_eq!(safe_name("Unknown 1"), "Unknown_1");
-        assert_eq!(safe_name("../../etc/passwd"), "______etc_passwd");
+        assert_eq!(safe_name("Unknown 1"), "Unknown 1", "spaces stay, as the original wrote them");
+        assert_eq!(safe_name("José"), "José", "letters of any script stay");
+        assert_eq!(safe_name("李小龍"), "李小龍");
+        assert_eq!(safe_name("Ann-Marie_2"), "Ann-Marie_2");
+        assert_eq!(safe_name("J.R. Smith"), "J.R. Smith", "dots inside stay");
+        assert_eq!(safe_name("../../etc/passwd"), "___.._etc_passwd");
         assert_eq!(safe_name("a/b\\c"), "a_b_c");
         assert_eq!(safe_name(".."), "__");
         assert_eq!(safe_name("."), "_");
+        assert_eq!(safe_name(".hidden"), "_hidden");
         assert_eq!(safe_name(""), "unnamed");
-        assert_eq!(safe_name("José"), "Jos_");
         assert_eq!(safe_name("a\0b\nc\td"), "a_b_c_d");
-        assert_eq!(safe_name("Ann-Marie_2"), "Ann-Marie_2");
+        assert_eq!(safe_name("a\u{202e}b\u{200b}c\u{feff}"), "a_b_c_");
+        assert_eq!(safe_name("C:\\x<y>|z?*\""), "C__x_y__z___");
         let long: String = "é".repeat(150) + &"x".repeat(150);
-        assert_eq!(long.chars().count(), 300);
         let cut = safe_name(&long);
-        assert_eq!(cut, "_".repeat(64));
-        assert_eq!(safe_name(&"y".repeat(300)), "y".repeat(64));
-        for s in ["../../etc/passwd", "a/b\\c", "..", "", "José", &long, ".hidden", "/", "C:\\x"] {
+        assert_eq!(cut, "é".repeat(64), "cut at a character boundary");
+        assert_eq!(safe_name(&"y".repeat(300)), "y".repeat(128));
+        for s in ["../../etc/passwd", "a/b\\c", "..", "", "José", &long, ".hidden", "/", "C:\\x", "...", "\u{2028}"] {
             let n = safe_name(s);
-            assert!(!n.is_empty() && n.len() <= 64);
+            assert!(!n.is_empty() && n.len() <= MAX_NAME_BYTES);
             assert!(!n.starts_with('.'));
-            assert!(n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{n}");
+            assert!(!n.contains(['/', '\\', '\0']), "{n}");
+            assert!(!n.chars().any(char::is_control), "{n:?}");
             assert_eq!(Path::new(&n).components().count(), 1);
         }
     }
@@ -1109,6 +1135,8 @@ mod tests {
     #[test]
     fn photo_counters() {
         assert_eq!(photo_counter("photo_Unknown_1_17.jpg"), Some(17));
+        assert_eq!(photo_counter("photo_Unknown 1_12.png"), Some(12));
+        assert_eq!(photo_counter("photo_J.R. Smith_4.jpg"), Some(4));
         assert_eq!(photo_counter("photo_a_b_9.png"), Some(9));
         assert_eq!(photo_counter("photo_Ann_3.webp"), Some(3));
         assert_eq!(photo_counter("photo__5.jpg"), Some(5));

@@ -239,13 +239,27 @@ pub struct ServeConfig {
     #[arg(long, env = "BATCH_WAIT_US", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     pub batch_wait_us: u32,
 
-    /// Largest request body in bytes (larger: 413 `payload_too_large`).
-    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
+    /// Largest request body in bytes (larger: 413 `payload_too_large`). The default holds
+    /// MAX_CROPS crops of 256 KiB each (a crowd frame of a few hundred faces).
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 128 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
     /// Most entries in one /recognize body (more: 413 `too_many_crops`).
-    #[arg(long, env = "MAX_CROPS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, env = "MAX_CROPS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_crops: u32,
+
+    /// How the original contract (/recognize, /calculate_average_embedding) reports its errors:
+    /// `original` (as the original service: its two errors with HTTP 200, unreadable enrolment
+    /// files skipped, a body without `bboxes` answered) or `http` (404, 422 and 400). The other
+    /// endpoints always use proper statuses.
+    #[arg(long, env = "LEGACY_STATUS", value_enum, default_value_t = crate::api::LegacyStatus::Original)]
+    pub legacy_status: crate::api::LegacyStatus,
+
+    /// Take a /recognize crop or enrolment photo of exactly 112x112 pixels as an already aligned
+    /// face, without detection (for pipelines that align faces themselves). Off: every image goes
+    /// through the detector.
+    #[arg(long, env = "ALIGNED_INPUT", default_value_t = false, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub aligned_input: bool,
 
     /// Most files in one enrolment (more: 413 `too_many_files`).
     #[arg(long, env = "MAX_FILES", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -308,6 +322,11 @@ impl ServeConfig {
     /// How the in-memory galleries are searched.
     pub fn search_options(&self) -> crate::gallery::SearchOptions {
         crate::gallery::SearchOptions { mode: self.gallery_search, candidates: self.gallery_candidates as usize }
+    }
+
+    /// How the analyzer looks for faces (DET_SIZE, ALIGNED_INPUT).
+    pub fn analyzer_options(&self) -> AnalyzerOptions {
+        AnalyzerOptions { aligned_input: self.aligned_input, ..analyzer_options(self.det_size) }
     }
 
     /// Limits on one request's contents.

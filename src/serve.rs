@@ -11,7 +11,7 @@ use crate::api::auth::AuthConfig;
 use crate::api::faces::FaceIndex;
 use crate::api::{self, AppState};
 use crate::audit::{AuditConfig, AuditHandle};
-use crate::config::{ServeConfig, analyzer_options};
+use crate::config::ServeConfig;
 use crate::engine::{Engine, EngineConfig};
 use crate::face::pack;
 use crate::fetch;
@@ -34,7 +34,14 @@ pub struct Service {
 pub async fn load_gallery(store: &dyn FaceStore, model_id: &str, dim: usize) -> anyhow::Result<(Gallery, LoadedUsers)> {
     let (sink, batches) = std::sync::mpsc::sync_channel::<Vec<UserRecord>>(4);
     let build = tokio::task::spawn_blocking(move || {
-        Gallery::from_entries(dim, batches.into_iter().flatten().filter(|u| !u.embedding.is_empty()).map(|u| (u.username, u.embedding)))
+        let users = batches.into_iter().flatten().filter(|u| !u.embedding.is_empty());
+        // New users cannot be named so (POST /users refuses it), but a store written by another tool may hold one.
+        let users = users.inspect(|u| {
+            if crate::api::looks_like_unknown(&u.username) {
+                tracing::warn!(user = %u.username, "a user is named like an unknown face (`Unknown <n>`): /recognize answers naming them look like unknown faces; rename the user");
+            }
+        });
+        Gallery::from_entries(dim, users.map(|u| (u.username, u.embedding)))
     });
     let loaded = store.stream_users(model_id, sink).await.context("loading users from the store")?;
     let gallery = build.await.context("building the gallery")?;
@@ -64,7 +71,7 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
         queue: cfg.queue_size as usize,
         batch_size: usize::from(cfg.batch_size),
         batch_wait: std::time::Duration::from_micros(u64::from(cfg.batch_wait_us)),
-        analyzer: analyzer_options(cfg.det_size),
+        analyzer: cfg.analyzer_options(),
         limits: cfg.image_limits(),
     };
     let engine = {
@@ -136,6 +143,7 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
         skipped_malformed: loaded.malformed,
         writes: tokio::sync::Mutex::new(()),
         limits: cfg.request_limits(),
+        legacy_status: cfg.legacy_status,
     });
     // A shared store (MongoDB): follow the other replicas' writes into the gallery.
     if let Some(feed) = state.store.follow().await.context("following other replicas' writes")? {

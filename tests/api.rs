@@ -17,12 +17,14 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use common::{fixture, golden, pack_dir, runtime, temp_dir};
+use facerec::api::LegacyStatus;
 use facerec::api::auth::AuthConfig;
 use facerec::api::faces::FaceIndex;
 use facerec::api::{AppState, app};
 use facerec::audit::{AuditConfig, AuditHandle};
-use facerec::config::analyzer_options;
+use facerec::config::ServeConfig;
 use facerec::engine::{Engine, EngineConfig};
+use facerec::face::AnalyzerOptions;
 use facerec::gallery::Gallery;
 use facerec::store::FaceStore;
 use facerec::store::faces::FaceRecordStore;
@@ -32,6 +34,31 @@ use facerec::store::sqlite::SqliteStore;
 struct Harness {
     state: Arc<AppState>,
     dir: PathBuf,
+    /// The router's body limit: the service's default (MAX_BODY_BYTES).
+    max_body: usize,
+}
+
+/// What a harness is built with, beyond its store: the defaults of `facerec serve` unless changed.
+struct Setup {
+    auth: AuthConfig,
+    legacy: LegacyStatus,
+    analyzer: AnalyzerOptions,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup { auth: AuthConfig::new(None, None), legacy: defaults().legacy_status, analyzer: defaults().analyzer_options() }
+    }
+}
+
+/// `facerec serve`'s configuration with no flag and no variable set.
+fn defaults() -> ServeConfig {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeConfig,
+    }
+    <Cli as clap::Parser>::parse_from(["facerec"]).serve
 }
 
 impl Harness {
@@ -40,13 +67,18 @@ impl Harness {
     }
 
     async fn on(backend: Backend) -> Harness {
-        Harness::build(backend, AuthConfig::new(None, None)).await
+        Harness::with(backend, Setup::default()).await
     }
 
     async fn build(backend: Backend, auth: AuthConfig) -> Harness {
+        Harness::with(backend, Setup { auth, ..Setup::default() }).await
+    }
+
+    async fn with(backend: Backend, setup: Setup) -> Harness {
+        let Setup { auth, legacy, analyzer } = setup;
         let dir = temp_dir("api");
         let files = facerec::face::pack::resolve(&pack_dir()).expect("pack");
-        let cfg = EngineConfig { workers: 1, queue: 64, analyzer: analyzer_options(320), ..EngineConfig::default() };
+        let cfg = EngineConfig { workers: 1, queue: 64, analyzer, ..EngineConfig::default() };
         let engine = Engine::start(runtime(), files, cfg).expect("engine");
         let (store, faces): (Arc<dyn FaceStore>, Arc<dyn FaceRecordStore>) = match backend {
             Backend::Sqlite => {
@@ -76,13 +108,14 @@ impl Harness {
             skipped_other_model: 0,
             skipped_malformed: 0,
             writes: tokio::sync::Mutex::new(()),
-            limits: Default::default(),
+            limits: defaults().request_limits(),
+            legacy_status: legacy,
         });
-        Harness { state, dir }
+        Harness { state, dir, max_body: defaults().max_body_bytes }
     }
 
     async fn call(&self, req: Request<Body>) -> (StatusCode, Vec<u8>) {
-        let resp = app(Arc::clone(&self.state), 20 << 20).oneshot(req).await.expect("infallible");
+        let resp = app(Arc::clone(&self.state), self.max_body).oneshot(req).await.expect("infallible");
         let status = resp.status();
         let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.expect("body");
         (status, bytes.to_vec())
@@ -256,7 +289,7 @@ async fn the_original_client_flow_works_unchanged(store: Backend) {
     let photos = h.photos();
     assert_eq!(photos.len(), 2, "{photos:?}");
     assert!(photos.iter().any(|p| p.starts_with("photo_alice_") && p.ends_with(".jpg")));
-    assert!(photos.iter().any(|p| p.starts_with("photo_Unknown_1_") && p.ends_with(".jpg")));
+    assert!(photos.iter().any(|p| p.starts_with("photo_Unknown 1_") && p.ends_with(".jpg")));
     let (s, m) = h.json(get("/metadata")).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(&m, meta);
@@ -270,7 +303,8 @@ async fn metadata_is_empty_before_the_first_recognition() {
 
 on_each_store!(legacy_error_bodies_are_byte_for_byte);
 async fn legacy_error_bodies_are_byte_for_byte(store: Backend) {
-    let h = Harness::on(store).await;
+    // LEGACY_STATUS=http: the same bodies with proper statuses.
+    let h = Harness::with(store, Setup { legacy: LegacyStatus::Http, ..Setup::default() }).await;
     let (s, body) = h.call(multipart("/calculate_average_embedding", "bob", &[("a.jpg", fixture("img5.jpg"))])).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_eq!(String::from_utf8_lossy(&body), r#"{"status":"error","message":"User 'bob' not found."}"#);
@@ -316,7 +350,6 @@ async fn malformed_bodies_get_clear_json_errors_and_change_nothing() {
         ("[1, 2]", "invalid_request"),
         (r#"{"bboxes": "nope"}"#, "invalid_request"),
         (r#"{"bboxes": [1, 2]}"#, "invalid_request"),
-        (r#"{"other": 1}"#, "invalid_request"),
     ] {
         let req = Request::post("/recognize").header(header::CONTENT_TYPE, "application/json").body(Body::from(body)).expect("request");
         let (s, v) = h.json(req).await;
@@ -379,20 +412,27 @@ async fn enrolment_is_a_weighted_mean_and_recognition_follows_it(store: Backend)
 
 on_each_store!(enrolment_rejects_non_images_and_missing_fields);
 async fn enrolment_rejects_non_images_and_missing_fields(store: Backend) {
-    let h = Harness::on(store).await;
+    let h = Harness::with(store, Setup { legacy: LegacyStatus::Http, ..Setup::default() }).await;
     assert_eq!(h.create("fay").await, StatusCode::CREATED);
     let (s, v) = h.enrol("fay", &[("notes.txt", b"hello".to_vec())]).await;
     assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_image")));
     assert!(v["message"].as_str().is_some_and(|m| m.contains("notes.txt")));
-    let (s, v) = h.enrol("fay", &[]).await;
-    assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_request")));
-    let req = Request::post("/calculate_average_embedding")
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from("{}"))
-        .expect("request");
-    let (s, v) = h.json(req).await;
-    assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_request")));
-    assert_eq!(h.json(get("/users")).await.1["users"][0]["samples"], 0);
+    // As the original: a file that is not an image gives no face.
+    let o = Harness::on(store).await;
+    assert_eq!(o.create("fay").await, StatusCode::CREATED);
+    let (s, body) = o.call(multipart("/calculate_average_embedding", "fay", &[("notes.txt", b"hello".to_vec())])).await;
+    assert_eq!((s, String::from_utf8_lossy(&body).into_owned()), (StatusCode::OK, NO_FACES.to_owned()));
+    for h in [&h, &o] {
+        let (s, v) = h.enrol("fay", &[]).await;
+        assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_request")));
+        let req = Request::post("/calculate_average_embedding")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from("{}"))
+            .expect("request");
+        let (s, v) = h.json(req).await;
+        assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_request")));
+        assert_eq!(h.json(get("/users")).await.1["users"][0]["samples"], 0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -441,8 +481,9 @@ async fn landing_health_docs_and_unknown_routes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_oversized_body_is_413_json() {
-    let h = Harness::new().await;
-    let big = "x".repeat(21 << 20);
+    let mut h = Harness::new().await;
+    h.max_body = 1 << 20;
+    let big = "x".repeat(2 << 20);
     let req = Request::post("/recognize").header(header::CONTENT_TYPE, "application/json").body(Body::from(big)).expect("request");
     let (s, v) = h.json(req).await;
     assert_eq!((s, v["code"].clone()), (StatusCode::PAYLOAD_TOO_LARGE, json!("payload_too_large")));
@@ -661,4 +702,312 @@ async fn with_auth_on_every_protected_endpoint_needs_a_token_or_a_key(store: Bac
     assert_eq!(schemes["api_key"]["name"], "X-API-Key");
     assert!(doc["paths"]["/recognize"]["post"]["security"].is_array());
     assert!(doc["paths"]["/api/face/search"]["post"]["security"].is_array());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The original contract, answered as the original service answers it (issue 14): one test per
+// difference the issue found, on both stores. LEGACY_STATUS=http where said.
+
+const NOT_FOUND_BOB: &str = r#"{"status":"error","message":"User 'bob' not found."}"#;
+const NO_FACES: &str = r#"{"status":"error","message":"No faces detected in any image."}"#;
+
+fn http_statuses() -> Setup {
+    Setup { legacy: LegacyStatus::Http, ..Setup::default() }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn square_png(side: u32, rgb: [u8; 3]) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(side, side, image::Rgb(rgb));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).expect("encode");
+    out.into_inner()
+}
+
+fn resized_jpeg(jpeg: &[u8], w: u32, h: u32) -> Vec<u8> {
+    let img = image::load_from_memory(jpeg).expect("decodes").to_rgb8();
+    let small = image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle);
+    let mut out = std::io::Cursor::new(Vec::new());
+    small.write_to(&mut out, image::ImageFormat::Jpeg).expect("encode");
+    out.into_inner()
+}
+
+impl Harness {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("logs.txt")).unwrap_or_default()
+    }
+
+    async fn enrol_alice(&self) {
+        assert_eq!(self.create("alice").await, StatusCode::CREATED);
+        let (s, v) = self
+            .enrol("alice", &[("img5.jpg", fixture("img5.jpg")), ("img6.jpg", fixture("img6.jpg")), ("img10.jpg", fixture("img10.jpg"))])
+            .await;
+        assert_eq!((s, v["images"].clone()), (StatusCode::OK, json!(3)), "{v}");
+    }
+}
+
+on_each_store!(original_enrolling_an_unknown_user_is_200_with_the_legacy_body);
+async fn original_enrolling_an_unknown_user_is_200_with_the_legacy_body(store: Backend) {
+    let h = Harness::on(store).await;
+    let (s, body) = h.call(multipart("/calculate_average_embedding", "bob", &[("a.jpg", fixture("img5.jpg"))])).await;
+    assert_eq!((s, text(&body)), (StatusCode::OK, NOT_FOUND_BOB.to_owned()));
+    assert_eq!(h.json(get("/users")).await.1["count"], 0, "no user was made");
+    // As the original, the files are looked at first: no face at all says so, even for an unknown user.
+    let (s, body) = h.call(multipart("/calculate_average_embedding", "bob", &[("g.png", grey_png())])).await;
+    assert_eq!((s, text(&body)), (StatusCode::OK, NO_FACES.to_owned()));
+    // LEGACY_STATUS=http: 404, same body.
+    let p = Harness::with(store, http_statuses()).await;
+    let (s, body) = p.call(multipart("/calculate_average_embedding", "bob", &[("a.jpg", fixture("img5.jpg"))])).await;
+    assert_eq!((s, text(&body)), (StatusCode::NOT_FOUND, NOT_FOUND_BOB.to_owned()));
+}
+
+on_each_store!(original_enrolling_no_face_is_200_with_the_legacy_body);
+async fn original_enrolling_no_face_is_200_with_the_legacy_body(store: Backend) {
+    for (setup, status) in [(Setup::default(), StatusCode::OK), (http_statuses(), StatusCode::UNPROCESSABLE_ENTITY)] {
+        let h = Harness::with(store, setup).await;
+        assert_eq!(h.create("bob").await, StatusCode::CREATED);
+        let (s, body) = h.call(multipart("/calculate_average_embedding", "bob", &[("g.png", grey_png()), ("g2.png", grey_png())])).await;
+        assert_eq!((s, text(&body)), (status, NO_FACES.to_owned()));
+        assert_eq!(h.json(get("/users")).await.1["users"][0]["samples"], 0, "nothing changed");
+    }
+}
+
+on_each_store!(original_enrolment_skips_an_unreadable_file);
+async fn original_enrolment_skips_an_unreadable_file(store: Backend) {
+    let h = Harness::on(store).await;
+    assert_eq!(h.create("bob").await, StatusCode::CREATED);
+    let files = [("img5.jpg", fixture("img5.jpg")), ("notes.txt", b"not an image".to_vec()), ("grey.png", grey_png())];
+    let (s, v) = h.enrol("bob", &files).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!((v["status"].clone(), v["images"].clone()), (json!("success"), json!(1)), "images counts the good ones");
+    assert_eq!(v["embedding"].as_array().map(Vec::len), Some(512));
+    let skipped = v["skipped"].as_array().expect("skipped files are named");
+    assert_eq!(skipped.len(), 2, "{v}");
+    assert_eq!((skipped[0]["file"].clone(), skipped[0]["code"].clone()), (json!("notes.txt"), json!("invalid_image")));
+    assert_eq!((skipped[1]["file"].clone(), skipped[1]["code"].clone()), (json!("grey.png"), json!("no_face_detected")));
+    assert_eq!(h.json(get("/users")).await.1["users"][0]["samples"], 1);
+    // Every file good: no `skipped` at all, the original's body exactly.
+    let (_, v) = h.enrol("bob", &[("img6.jpg", fixture("img6.jpg"))]).await;
+    assert_eq!(
+        v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()),
+        Some(vec!["status".into(), "username".into(), "embedding".into(), "images".into()])
+    );
+    // LEGACY_STATUS=http: the enrolment is refused, nothing changes.
+    let p = Harness::with(store, http_statuses()).await;
+    assert_eq!(p.create("bob").await, StatusCode::CREATED);
+    let (s, v) = p.enrol("bob", &files).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_image")));
+    assert_eq!(p.json(get("/users")).await.1["users"][0]["samples"], 0);
+}
+
+on_each_store!(original_recognize_without_bboxes_is_answered_logged_and_kept);
+async fn original_recognize_without_bboxes_is_answered_logged_and_kept(store: Backend) {
+    let h = Harness::on(store).await;
+    let mut metas = Vec::new();
+    for body in [json!({"camera": "gate-2"}), json!({"camera": "gate-3", "bboxes": []}), json!({"camera": "gate-4", "bboxes": null})] {
+        let (s, v) = h.json(post_json("/recognize", &body)).await;
+        let camera = body["camera"].clone();
+        assert_eq!((s, &v), (StatusCode::OK, &json!({"status": "recognized", "meta": {"camera": camera, "bboxes": []}})), "{body}");
+        assert_eq!(h.json(get("/metadata")).await.1, v["meta"], "it becomes /metadata");
+        metas.push(v["meta"].clone());
+    }
+    assert_eq!(h.log_lines(), metas, "each is logged");
+    assert!(h.photos().is_empty());
+    // LEGACY_STATUS=http: a body without `bboxes` is refused; `bboxes: []` is answered.
+    let p = Harness::with(store, http_statuses()).await;
+    let (s, v) = p.json(post_json("/recognize", &json!({"camera": "gate-2"}))).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_request")));
+    assert_eq!(p.json(post_json("/recognize", &json!({"bboxes": []}))).await.0, StatusCode::OK);
+}
+
+on_each_store!(an_entry_without_bbox_is_answered_with_bbox_null);
+async fn an_entry_without_bbox_is_answered_with_bbox_null(store: Backend) {
+    let h = Harness::on(store).await;
+    let crop = b64(&face_crop("img11.jpg", 0.2));
+    let (s, v) = h.json(post_json("/recognize", &json!({"bboxes": [{"crop": crop}, {"crop": crop, "bbox": [1, 2, 3, 4]}]}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let entries = &v["meta"]["bboxes"];
+    assert!(entries[0].get("bbox").is_some_and(Value::is_null), "{}", entries[0]);
+    assert_eq!(entries[1]["bbox"], json!([1, 2, 3, 4]));
+    assert!(h.log_lines()[0]["bboxes"][0].get("bbox").is_some_and(Value::is_null));
+    assert!(h.json(get("/metadata")).await.1["bboxes"][0].get("bbox").is_some_and(Value::is_null));
+}
+
+on_each_store!(a_112_pixel_crop_goes_through_the_detector);
+async fn a_112_pixel_crop_goes_through_the_detector(store: Backend) {
+    let h = Harness::on(store).await;
+    h.enrol_alice().await;
+    // A genuine face crop of exactly 112x112: detected and aligned like any crop, and named.
+    let face = resized_jpeg(&face_crop("img11.jpg", 0.2), 112, 112);
+    let (s, v) = h.json(post_json("/recognize", &json!({"bboxes": [{"bbox": [0, 0, 112, 112], "crop": b64(&face)}]}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["meta"]["bboxes"][0]["name"], "alice", "{v}");
+    let (s, enc) = h.json(form("/api/face/encode", &[Field::File("image", "f.jpg".into(), face)])).await;
+    assert_eq!(s, StatusCode::OK, "{enc}");
+    assert_ne!(enc["faces"][0]["found_by"], "aligned");
+    assert!(enc["faces"][0]["det_score"].as_f64().is_some_and(|d| d > 0.5 && d < 1.0), "{}", enc["faces"][0]["det_score"]);
+    // Plain squares are no face: not named, not enrollable, not encoded.
+    let squares: Vec<Vec<u8>> = [[128, 128, 128], [255, 255, 255], [0, 0, 255]].into_iter().map(|c| square_png(112, c)).collect();
+    let entries: Vec<Value> = squares.iter().map(|sq| json!({"bbox": [0, 0, 112, 112], "crop": b64(sq)})).collect();
+    let (_, v) = h.json(post_json("/recognize", &json!({"bboxes": entries}))).await;
+    for (i, e) in v["meta"]["bboxes"].as_array().expect("entries").iter().enumerate() {
+        assert_eq!((e["name"].clone(), e["similarity"].clone()), (json!(format!("Unknown {}", i + 1)), json!(0.0)), "{e}");
+        assert!(e.get("error").is_none());
+    }
+    assert_eq!(h.create("square").await, StatusCode::CREATED);
+    let files: Vec<(&str, Vec<u8>)> = squares.iter().map(|sq| ("sq.png", sq.clone())).collect();
+    let (s, body) = h.call(multipart("/calculate_average_embedding", "square", &files)).await;
+    assert_eq!((s, text(&body)), (StatusCode::OK, NO_FACES.to_owned()));
+    let (s, v) = h.json(form("/api/face/encode", &[Field::File("image", "sq.png".into(), squares[0].clone())])).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("no_face_detected")));
+    // ALIGNED_INPUT=true: the caller says its 112x112 inputs are aligned faces; no detection
+    // score is claimed for them.
+    let aligned =
+        Harness::with(store, Setup { analyzer: AnalyzerOptions { aligned_input: true, ..Setup::default().analyzer }, ..Setup::default() })
+            .await;
+    let (s, v) = aligned.json(form("/api/face/encode", &[Field::File("image", "sq.png".into(), squares[0].clone())])).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["faces"][0]["found_by"], "aligned");
+    assert!(v["faces"][0]["det_score"].is_null(), "{}", v["faces"][0]);
+}
+
+on_each_store!(a_crop_with_several_faces_stands_for_the_surest_face);
+async fn a_crop_with_several_faces_stands_for_the_surest_face(store: Backend) {
+    let h = Harness::on(store).await;
+    let g = golden(320);
+    let faces = &g.images["t1.jpg"].faces;
+    let area = |b: [f32; 4]| (b[2] - b[0]) * (b[3] - b[1]);
+    let largest = (0..faces.len()).max_by(|&a, &b| area(faces[a].bbox).total_cmp(&area(faces[b].bbox))).expect("faces");
+    assert_ne!(largest, 0, "the fixture's largest face is not its surest one");
+    h.state.gallery.upsert("surest", &faces[0].embedding);
+    h.state.gallery.upsert("largest", &faces[largest].embedding);
+    let (s, v) = h.json(post_json("/recognize", &json!({"bboxes": [{"bbox": [0, 0, 1, 1], "crop": b64(&fixture("t1.jpg"))}]}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let e = &v["meta"]["bboxes"][0];
+    assert_eq!(e["name"], "surest", "insightface's first face, as the original took: {e}");
+    assert!(e["similarity"].as_f64().is_some_and(|s| s > 0.999), "{e}");
+    // Enrolment takes the same face.
+    assert_eq!(h.create("group").await, StatusCode::CREATED);
+    let (_, v) = h.enrol("group", &[("t1.jpg", fixture("t1.jpg"))]).await;
+    let cos: f64 = embedding_of(&v).iter().zip(&faces[0].embedding).map(|(a, b)| a * f64::from(*b)).sum();
+    assert!(cos > 0.999, "{cos}");
+    // /api/face/* embeds the largest face.
+    let (_, enc) = h.json(form("/api/face/encode", &[Field::File("image", "t1.jpg".into(), fixture("t1.jpg"))])).await;
+    let cos: f64 = embedding_of(&enc).iter().zip(&faces[largest].embedding).map(|(a, b)| a * f64::from(*b)).sum();
+    assert!(cos > 0.999, "{cos}");
+}
+
+on_each_store!(a_crowd_frame_is_answered_by_default);
+async fn a_crowd_frame_is_answered_by_default(store: Backend) {
+    let d = defaults();
+    assert!(d.max_crops >= 512, "MAX_CROPS {}", d.max_crops);
+    assert!(d.max_body_bytes >= 512 * 256 * 1024, "MAX_BODY_BYTES {}", d.max_body_bytes);
+    let h = Harness::on(store).await;
+    h.enrol_alice().await;
+    // 116 faces, 22 MiB: each entry carries a face crop and what a tracker adds (here padding).
+    let crop = b64(&face_crop("img11.jpg", 0.2));
+    let pad = "p".repeat(200_000);
+    let entries: Vec<Value> = (0..116).map(|i| json!({"bbox": [i, 0, i + 100, 100], "crop": crop, "track": i, "pad": pad})).collect();
+    let body = json!({"camera": "hall", "bboxes": entries});
+    let bytes = body.to_string().len();
+    assert!(bytes > 22 << 20, "{bytes}");
+    let (s, v) = h.json(post_json("/recognize", &body)).await;
+    assert_eq!(s, StatusCode::OK, "{}", v["message"]);
+    let answered = v["meta"]["bboxes"].as_array().expect("entries");
+    assert_eq!(answered.len(), 116);
+    assert!(answered.iter().all(|e| e["name"] == "alice"), "{}", answered[0]["name"]);
+    // Past MAX_CROPS: 413 too_many_crops, without any inference.
+    let many: Vec<Value> = (0..=d.max_crops).map(|_| json!({"crop": "AAAA"})).collect();
+    let (s, v) = h.json(post_json("/recognize", &json!({"bboxes": many}))).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::PAYLOAD_TOO_LARGE, json!("too_many_crops")));
+}
+
+on_each_store!(unknown_n_cannot_be_a_username);
+async fn unknown_n_cannot_be_a_username(store: Backend) {
+    let h = Harness::on(store).await;
+    for name in ["Unknown 1", "unknown 1", "UNKNOWN 2", "Unknown  3", "Unknown\u{a0}4", "Unknown_5", "Unknown-6", "Unknown7", "Unknown"] {
+        let (s, v) = h.json(post_json("/users", &json!({"username": name}))).await;
+        assert_eq!((s, v["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_username")), "{name:?}: {v}");
+    }
+    for name in ["Unknownson", "Unknown Pleasures"] {
+        assert_eq!(h.create(name).await, StatusCode::CREATED, "{name}");
+    }
+    assert_eq!(h.json(get("/users")).await.1["count"], 2);
+}
+
+on_each_store!(every_number_and_string_is_echoed_as_sent);
+async fn every_number_and_string_is_echoed_as_sent(store: Backend) {
+    let h = Harness::on(store).await;
+    let crop = b64(&face_crop("img11.jpg", 0.2));
+    // Written by hand: serde_json's own output could not carry these numbers.
+    let body = format!(
+        r#"{{"frame": 18446744073709551616, "ts": 1.000, "neg": -123456789012345678901234567890, "tiny": 1e-400, "exp": 3E2, "s": "caf\u00e9 \ud83d\ude00 \"q\"", "bboxes": [{{"bbox": [1.50, 2, 3e2, 4.0], "crop": "{crop}", "track": 99999999999999999999}}]}}"#
+    );
+    let req = Request::post("/recognize").header(header::CONTENT_TYPE, "application/json").body(Body::from(body)).expect("request");
+    let (s, answer) = h.call(req).await;
+    assert_eq!(s, StatusCode::OK, "{}", text(&answer));
+    let (_, metadata) = h.call(get("/metadata")).await;
+    for (what, t) in [("answer", text(&answer)), ("log line", h.log_text()), ("/metadata", text(&metadata))] {
+        for want in [
+            r#""frame":18446744073709551616"#,
+            r#""ts":1.000"#,
+            r#""neg":-123456789012345678901234567890"#,
+            r#""tiny":1e-400"#,
+            r#""exp":3e+2"#,
+            r#""bbox":[1.50,2,3e+2,4.0]"#,
+            r#""track":99999999999999999999"#,
+        ] {
+            assert!(t.contains(want), "{what} lost {want}: {}", &t[..t.len().min(300)]);
+        }
+        let v: Value = serde_json::from_str(t.trim()).expect("JSON");
+        let s = v.get("meta").unwrap_or(&v)["s"].clone();
+        assert_eq!(s, json!("café 😀 \"q\""), "{what}");
+    }
+}
+
+on_each_store!(client_sent_reserved_keys_never_pass_on);
+async fn client_sent_reserved_keys_never_pass_on(store: Backend) {
+    let h = Harness::on(store).await;
+    let crop = b64(&face_crop("img11.jpg", 0.2));
+    let body = json!({"status": "error", "camera": 1, "bboxes": [
+        {"bbox": [1, 2, 3, 4], "crop": crop, "name": "alice", "similarity": 0.99, "error": {"code": "forged"}},
+        {"bbox": [1, 2, 3, 4], "crop": "!!", "error": "client"},
+    ]});
+    let (s, v) = h.json(post_json("/recognize", &body)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "recognized");
+    let meta = &v["meta"];
+    assert!(meta.get("status").is_none(), "{meta}");
+    assert_eq!(meta["camera"], 1);
+    let e0 = &meta["bboxes"][0];
+    assert_eq!((e0["name"].clone(), e0["similarity"].clone()), (json!("Unknown 1"), json!(0.0)), "no user is enrolled: {e0}");
+    assert!(e0.get("error").is_none(), "{e0}");
+    assert_eq!(meta["bboxes"][1]["error"]["code"], "invalid_base64", "the service's own error replaces the client's");
+    assert_eq!(h.log_lines(), vec![meta.clone()]);
+    assert_eq!(&h.json(get("/metadata")).await.1, meta);
+}
+
+on_each_store!(crop_file_names_stay_readable);
+async fn crop_file_names_stay_readable(store: Backend) {
+    let h = Harness::on(store).await;
+    assert_eq!(h.create("José").await, StatusCode::CREATED);
+    let (s, _) = h.enrol("José", &[("img5.jpg", fixture("img5.jpg")), ("img6.jpg", fixture("img6.jpg"))]).await;
+    assert_eq!(s, StatusCode::OK);
+    let jpeg = face_crop("img11.jpg", 0.2);
+    let png = {
+        let img = image::load_from_memory(&fixture("img16.jpg")).expect("decodes");
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).expect("encode");
+        out.into_inner()
+    };
+    let body = json!({"bboxes": [{"bbox": [0, 0, 1, 1], "crop": b64(&jpeg)}, {"bbox": [0, 0, 1, 1], "crop": b64(&png)}]});
+    let (s, v) = h.json(post_json("/recognize", &body)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!((v["meta"]["bboxes"][0]["name"].clone(), v["meta"]["bboxes"][1]["name"].clone()), (json!("José"), json!("Unknown 1")));
+    let photos = h.photos();
+    assert_eq!(photos.len(), 2, "{photos:?}");
+    assert!(photos.iter().any(|p| p.starts_with("photo_José_") && p.ends_with(".jpg")), "{photos:?}");
+    assert!(photos.iter().any(|p| p.starts_with("photo_Unknown 1_") && p.ends_with(".png")), "the real format's extension: {photos:?}");
 }

@@ -219,8 +219,11 @@ fn oversized_claims_are_refused_from_the_header_in_every_format() {
 fn limits_default_to_the_documented_values() {
     let cli = Cli::parse_from(["facerec"]);
     let c = &cli.serve;
-    assert_eq!(c.max_body_bytes, 20 * 1024 * 1024);
-    assert_eq!(c.request_limits(), facerec::api::RequestLimits { max_crops: 64, max_files: 32, max_name_chars: 128 });
+    assert_eq!(c.max_body_bytes, 128 * 1024 * 1024);
+    assert_eq!(c.request_limits(), facerec::api::RequestLimits { max_crops: 512, max_files: 32, max_name_chars: 128 });
+    assert_eq!(c.request_limits(), facerec::api::RequestLimits::default());
+    assert_eq!(c.legacy_status, facerec::api::LegacyStatus::Original);
+    assert!(!c.aligned_input && !c.analyzer_options().aligned_input);
     assert_eq!(c.image_limits(), ImageLimits { max_side: 16_384, max_pixels: 40_000_000 });
     for bad in [["--max-crops", "0"], ["--max-image-megapixels", "NaN"], ["--max-image-megapixels", "-1"], ["--max-image-side", "70000"]] {
         assert!(Cli::try_parse_from(["facerec", bad[0], bad[1]]).is_err(), "{bad:?}");
@@ -678,6 +681,10 @@ async fn run_cases() {
         &MAX_BODY.to_string(),
         "--max-crops",
         &MAX_CROPS.to_string(),
+        // Proper statuses, so that every refusal below is a 4xx (the original's HTTP 200 answers,
+        // the default, are tested in tests/api.rs).
+        "--legacy-status",
+        "http",
         "--max-files",
         &MAX_FILES.to_string(),
         "--max-name-chars",

@@ -12,13 +12,15 @@ use facerec::bench_recognize::face_crops;
 use facerec::config::analyzer_options;
 use facerec::engine::{Analysis, Engine, EngineConfig, EngineError};
 use facerec::face::image::{ImageLimits, decode};
-use facerec::face::{FoundBy, StageTimes};
+use facerec::face::{AnalyzerOptions, FoundBy, StageTimes};
 use futures_util::future::join_all;
 
 /// One worker at det 640 (where tight crops need the padded retry).
 fn engine(batch_size: usize, batch_wait: Duration, queue: usize) -> Engine {
     let files = facerec::face::pack::resolve(&pack_dir()).expect("pack");
-    let cfg = EngineConfig { workers: 1, queue, batch_size, batch_wait, analyzer: analyzer_options(640), ..EngineConfig::default() };
+    // ALIGNED_INPUT on, so that the aligned-112 path is exercised inside batches too.
+    let analyzer = AnalyzerOptions { aligned_input: true, ..analyzer_options(640) };
+    let cfg = EngineConfig { workers: 1, queue, batch_size, batch_wait, analyzer, ..EngineConfig::default() };
     Engine::start(runtime(), files, cfg).expect("engine starts")
 }
 

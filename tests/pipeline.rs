@@ -110,11 +110,27 @@ fn tight_crops_are_found_through_the_padded_retry() {
 }
 
 #[test]
+fn a_112_input_goes_through_the_detector_unless_said_aligned() {
+    // By default a 112x112 image is an image like any other: at the service's DET_SIZE (320)
+    // the detector finds this face, as insightface does.
+    let service = AnalyzerOptions { detect: AnalyzerOptions::parity(320).detect, ..AnalyzerOptions::default() };
+    let faces = analyze("Tom_Hanks_54745.png", service);
+    assert_eq!(faces.len(), 1);
+    assert_eq!(faces[0].found_by, FoundBy::Detector);
+    assert!(faces[0].detected_score().is_some_and(|s| s > 0.5 && s < 1.0), "{}", faces[0].det_score);
+    // A plain square is no face, at any size.
+    let grey = image::RgbImage::from_pixel(112, 112, image::Rgb([128, 128, 128]));
+    assert!(analyzer(service).analyze(&grey, &mut StageTimes::default()).expect("runs").is_empty());
+}
+
+#[test]
 fn an_aligned_112_input_is_embedded_as_is() {
-    let faces = analyze("Tom_Hanks_54745.png", AnalyzerOptions::default());
+    let aligned = AnalyzerOptions { aligned_input: true, ..AnalyzerOptions::default() };
+    let faces = analyze("Tom_Hanks_54745.png", aligned);
     assert_eq!(faces.len(), 1);
     assert_eq!(faces[0].found_by, FoundBy::Aligned);
     assert_eq!(faces[0].bbox, [0.0, 0.0, 112.0, 112.0]);
+    assert_eq!(faces[0].detected_score(), None, "nothing was detected: no score is claimed");
     // The aligned path sees the same face as running the recognizer on the pixels directly.
     let img = decode(&fixture("Tom_Hanks_54745.png"), &ImageLimits::default()).expect("decodes").rgb;
     let direct = analyzer(AnalyzerOptions::default()).embed_aligned(&[img], &mut StageTimes::default()).expect("runs");

@@ -38,7 +38,7 @@ pub struct RequestLimits {
 
 impl Default for RequestLimits {
     fn default() -> Self {
-        RequestLimits { max_crops: 64, max_files: 32, max_name_chars: 128 }
+        RequestLimits { max_crops: 512, max_files: 32, max_name_chars: 128 }
     }
 }
 
@@ -123,6 +123,29 @@ pub fn validate_name(field: &str, name: &str, limits: &RequestLimits) -> Result<
     Ok(())
 }
 
+/// Checks the name of a new user: [`validate_username`], and not `Unknown <n>` in any case or
+/// spacing (`unknown 3`, `UNKNOWN_3`, `Unknown\u{a0}3`, `Unknown3`, `Unknown`): /recognize names
+/// unknown faces so, and a user of that name would look exactly like an unknown face.
+pub fn validate_new_username(name: &str, limits: &RequestLimits) -> Result<(), ApiError> {
+    validate_username(name, limits)?;
+    if looks_like_unknown(name) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidUsername,
+            format!("invalid username: '{name}' is how /recognize names unknown faces (`Unknown <n>`)"),
+        ));
+    }
+    Ok(())
+}
+
+/// `Unknown`, then any separators (white space of any kind, `_`, `-`, `.`), then digits or nothing,
+/// compared without case.
+pub fn looks_like_unknown(name: &str) -> bool {
+    let lower = name.trim().to_lowercase();
+    let Some(rest) = lower.strip_prefix("unknown") else { return false };
+    let rest = rest.trim_start_matches(|c: char| c.is_whitespace() || matches!(c, '_' | '-' | '.' | '#' | '\u{200c}' | '\u{200d}'));
+    rest.chars().all(|c| c.is_numeric())
+}
+
 /// Invisible characters that reorder or hide text (bidirectional overrides and isolates,
 /// zero-width space, the byte-order mark): harmless in storage, misleading in logs. Joiners
 /// (U+200C, U+200D) stay allowed: scripts and emoji need them.
@@ -144,6 +167,32 @@ mod tests {
             let e = validate_name("username", bad, &lim).expect_err(bad);
             assert_eq!(e.code, ErrorCode::InvalidUsername, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn unknown_n_is_not_a_username() {
+        let lim = RequestLimits::default();
+        for bad in [
+            "Unknown 1",
+            "unknown 1",
+            "UNKNOWN 12",
+            "Unknown  3",
+            "Unknown\t3",
+            "Unknown\u{a0}3",
+            "Unknown_3",
+            "Unknown-3",
+            "Unknown3",
+            "Unknown",
+            "unKnown \u{3000}7",
+            "Unknown \u{0663}",
+        ] {
+            assert!(looks_like_unknown(bad), "{bad:?}");
+        }
+        for good in ["Unknownson", "Unknown Pleasures", "An Unknown 1", "alice", "Unknown 1a"] {
+            assert!(!looks_like_unknown(good), "{good:?}");
+            assert!(validate_new_username(good, &lim).is_ok(), "{good:?}");
+        }
+        assert_eq!(validate_new_username("Unknown 1", &lim).err().map(|e| e.code), Some(ErrorCode::InvalidUsername));
     }
 
     #[test]

@@ -32,10 +32,13 @@ pub struct FaceOut {
     pub bbox: [f32; 4],
     /// Five points: left eye, right eye, nose, left and right mouth corners.
     pub landmarks: [[f32; 2]; 5],
-    pub det_score: f32,
+    /// The detector's confidence; null for an input taken as aligned (ALIGNED_INPUT), which
+    /// was not detected.
+    pub det_score: Option<f32>,
     /// 512 numbers, L2-normalised.
     pub embedding: Vec<f32>,
-    /// `detector`, `padded` (tight crop, found on a padded copy) or `aligned` (a 112x112 input).
+    /// `detector`, `padded` (tight crop, found on a padded copy) or `aligned` (a 112x112 input
+    /// taken as aligned, only with ALIGNED_INPUT=true).
     #[schema(value_type = String, example = "detector")]
     pub found_by: FoundBy,
 }
@@ -192,7 +195,7 @@ async fn faces_of(st: &AppState, bytes: &Bytes, what: &str) -> Result<(Vec<Face>
 }
 
 fn face_out(f: Face) -> FaceOut {
-    FaceOut { bbox: f.bbox, landmarks: f.kps, det_score: f.det_score, embedding: f.embedding, found_by: f.found_by }
+    FaceOut { bbox: f.bbox, landmarks: f.kps, det_score: f.detected_score(), embedding: f.embedding, found_by: f.found_by }
 }
 
 /// Embed an image.

@@ -31,7 +31,8 @@ use crate::gallery::Gallery;
 use crate::store::faces::FaceRecordStore;
 use crate::store::{FaceStore, StoreKind};
 pub use error::{ApiError, ErrorCode};
-pub use extract::RequestLimits;
+pub use extract::{RequestLimits, looks_like_unknown};
+pub use recognize::LegacyStatus;
 
 /// Everything a handler may use. Shared behind an `Arc`.
 pub struct AppState {
@@ -58,6 +59,8 @@ pub struct AppState {
     pub writes: tokio::sync::Mutex<()>,
     /// What one request may ask for: crops per /recognize, files per enrolment, name lengths.
     pub limits: RequestLimits,
+    /// How the original contract answers its errors (LEGACY_STATUS).
+    pub legacy_status: LegacyStatus,
 }
 
 #[derive(OpenApi)]
@@ -87,7 +90,7 @@ every other error carries a stable `code`."
         ready::ready,
         metrics::metrics,
     ),
-    components(schemas(error::ErrorBody, error::ErrorCode, error::EntryError)),
+    components(schemas(error::ErrorBody, error::ErrorCode, error::EntryError, recognize::SkippedFile)),
     modifiers(&SecuritySchemes),
     tags(
         (name = "recognition", description = "The original contract: recognise face crops, enrol users"),

@@ -1,10 +1,15 @@
 //! The original contract: `POST /recognize`, `GET /metadata`, `POST /calculate_average_embedding`.
-//! Field names, statuses and the two legacy error messages are kept to the letter.
+//! Field names, statuses and the two legacy error messages are kept to the letter, and by default
+//! ([`LegacyStatus::Original`]) answered as the original service answered them: its two errors with
+//! HTTP 200, unreadable enrolment files skipped, a body without `bboxes` answered like any other.
+//! LEGACY_STATUS=http switches these endpoints to proper statuses (404, 422, 400).
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -15,21 +20,57 @@ use super::error::{ApiError, EntryError, ErrorBody, ErrorCode};
 use super::extract::{Body, Form, validate_username};
 use crate::audit::{AuditRecord, Crop};
 use crate::face::image::{ImageKind, sniff};
-use crate::face::most_prominent;
+use crate::face::most_confident;
 
-/// One face crop to recognise (any other fields are echoed back).
+/// How the original contract's endpoints answer what the original answered with HTTP 200
+/// (LEGACY_STATUS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LegacyStatus {
+    /// As the original service (FastAPI returning its dicts): `User '<u>' not found.` and `No faces
+    /// detected in any image.` with HTTP 200; an unreadable file of an enrolment skipped (named in
+    /// `skipped`); a `/recognize` body without `bboxes` answered with `bboxes: []`.
+    #[default]
+    Original,
+    /// Proper statuses: 404 for an unknown user, 422 when no file has a face, 400 for an
+    /// unreadable file or a `/recognize` body without `bboxes`. Same bodies.
+    Http,
+}
+
+/// One of the original's two errors (`{"status": "error", "message": ...}`, no `code`): with HTTP
+/// 200 under [`LegacyStatus::Original`], with its proper status under [`LegacyStatus::Http`]. The
+/// code still reaches the metrics (errors by code) either way.
+fn legacy_error(mode: LegacyStatus, code: ErrorCode, message: String) -> Result<Response, ApiError> {
+    let error = ApiError::legacy(code, message);
+    match mode {
+        LegacyStatus::Http => Err(error),
+        LegacyStatus::Original => {
+            let mut resp = error.into_response();
+            *resp.status_mut() = StatusCode::OK;
+            Ok(resp)
+        }
+    }
+}
+
+/// Keys of an entry that are the service's to write: whatever the client sent under them is
+/// removed before the entry is answered, logged or kept for /metadata.
+const RESERVED_ENTRY_KEYS: [&str; 3] = ["name", "similarity", "error"];
+
+/// One face crop to recognise (any other fields are echoed back exactly as sent; `name`,
+/// `similarity` and `error` are the service's and replaced).
 #[derive(Debug, ToSchema)]
 #[allow(dead_code)]
 pub struct BboxEntry {
-    /// Where the crop was cut from the camera frame: x1, y1, x2, y2.
+    /// Where the crop was cut from the camera frame: x1, y1, x2, y2 (echoed as sent; null when absent).
     #[schema(example = json!([120, 80, 312, 272]))]
-    bbox: Vec<f64>,
+    bbox: Option<Vec<f64>>,
     /// The crop: base64 of a JPEG (PNG, WebP and BMP also work); a `data:` URL prefix is accepted.
     #[schema(example = "/9j/4AAQSkZJRgABAQAAAQABAAD...")]
     crop: String,
 }
 
-/// `/recognize` body: `bboxes` and any other fields (camera id, timestamp...), echoed back.
+/// `/recognize` body: `bboxes` and any other fields (camera id, timestamp...), echoed back exactly
+/// as sent (numbers of any size or precision included), except a top-level `status`, which is the
+/// answer's own and is dropped. Without `bboxes` (LEGACY_STATUS=original) the answer has `bboxes: []`.
 #[derive(Debug, ToSchema)]
 #[schema(example = json!({"camera": "gate-2", "timestamp": "2026-11-22T08:00:00Z", "bboxes": [{"bbox": [120, 80, 312, 272], "crop": "/9j/4AAQSkZJRgABAQAAAQABAAD..."}]}))]
 #[allow(dead_code)]
@@ -41,7 +82,8 @@ pub struct RecognizeRequest {
 #[derive(Debug, ToSchema)]
 #[allow(dead_code)]
 pub struct RecognizedEntry {
-    bbox: Vec<f64>,
+    /// As sent; null when the entry had none (as the original answered).
+    bbox: Option<Vec<f64>>,
     crop: String,
     /// The enrolled user, when the best similarity reaches SIM_THRESHOLD; else `Unknown <n>`,
     /// n counting this request's unknown entries from 1.
@@ -81,8 +123,9 @@ struct Outcome {
 
 /// Recognise face crops.
 ///
-/// Each entry's crop is decoded, its most prominent face found (crops cut tightly around a
-/// face included) and compared with every enrolled user. The answer echoes the request with
+/// Each entry's crop is decoded, its faces found (crops cut tightly around a face included) and
+/// the one the detector is surest of (insightface's first, as the original took) compared with
+/// every enrolled user. The answer echoes the request with
 /// `name` and `similarity` added to each entry. Each recognition is appended to the audit
 /// log (one NDJSON line), its crops are saved to the photo folder, and it becomes the answer
 /// of `GET /metadata`. One unreadable crop does not fail the others: its entry gets `error`.
@@ -93,33 +136,44 @@ struct Outcome {
     request_body = RecognizeRequest,
     responses(
         (status = 200, description = "Every entry enriched", body = RecognizeResponse),
-        (status = 400, description = "The body is not a JSON object with a `bboxes` array of objects (`invalid_json`, `invalid_request`)", body = ErrorBody),
+        (status = 400, description = "The body is not a JSON object, `bboxes` is not an array of objects, or (LEGACY_STATUS=http only) there is no `bboxes` (`invalid_json`, `invalid_request`)", body = ErrorBody),
         (status = 413, description = "Body over MAX_BODY_BYTES (`payload_too_large`), or more than MAX_CROPS entries (`too_many_crops`)", body = ErrorBody),
         (status = 429, description = "Inference queue full (`overloaded`); see Retry-After", body = ErrorBody),
         (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
     )
 )]
 pub async fn recognize(State(st): State<Arc<AppState>>, Body(body): Body) -> Result<Json<Value>, ApiError> {
-    let ParsedRecognize { mut request, crops } = parse_recognize(&body, st.limits.max_crops)?;
+    let ParsedRecognize { mut request, crops } = parse_recognize_as(&body, st.limits.max_crops, st.legacy_status)?;
     let entries = request
         .get_mut("bboxes")
         .and_then(Value::as_array_mut)
         .ok_or_else(|| ApiError::internal("a parsed /recognize body lost its `bboxes`"))?;
 
-    // Every crop goes to the engine at once; the workers take them as they can.
+    // The crops go to the engine a window at a time, so that a crowd frame (up to MAX_CROPS
+    // entries, more than the queue holds) is answered instead of refused, and leaves room in the
+    // queue for other requests; the workers take them as they can.
+    let window = Arc::new(tokio::sync::Semaphore::new(crops_in_flight(st.engine.stats().queue_capacity)));
     let mut tasks = tokio::task::JoinSet::new();
     for (i, crop) in crops.into_iter().enumerate() {
         let st = Arc::clone(&st);
-        tasks.spawn(super::observe::carry(crate::engine::timing::carry(async move { (i, recognize_crop(&st, crop).await) })));
+        let window = Arc::clone(&window);
+        tasks.spawn(super::observe::carry(crate::engine::timing::carry(async move {
+            let _slot = window.acquire_owned().await;
+            (i, recognize_crop(&st, crop).await)
+        })));
     }
     let mut outcomes: Vec<Option<Outcome>> = (0..entries.len()).map(|_| None).collect();
     while let Some(joined) = tasks.join_next().await {
         let (i, outcome) = joined.map_err(ApiError::internal)?;
+        // An overloaded engine fails the request as a whole (the client should retry it): the
+        // crops not yet computed are withdrawn.
+        if let Err(e) = &outcome.result
+            && e.code == ErrorCode::Overloaded
+        {
+            tasks.abort_all();
+            return Err(e.clone());
+        }
         outcomes[i] = Some(outcome);
-    }
-    // An overloaded engine fails the request as a whole: the client should retry it.
-    if let Some(e) = outcomes.iter().flatten().find_map(|o| o.result.as_ref().err().filter(|e| e.code == ErrorCode::Overloaded)) {
-        return Err(e.clone());
     }
 
     let mut unknown = 0;
@@ -156,6 +210,12 @@ pub async fn recognize(State(st): State<Arc<AppState>>, Body(body): Body) -> Res
     Ok(Json(json!({"status": "recognized", "meta": request})))
 }
 
+/// Crops of one request in the engine's queue at once: half the queue, at most 64 (four batches
+/// of the default BATCH_SIZE, enough to keep every worker's batches full).
+fn crops_in_flight(queue_capacity: usize) -> usize {
+    (queue_capacity / 2).clamp(1, 64)
+}
+
 /// Similarity as the JSON number clients see (six decimals, like the float32 it is).
 fn round6(v: f32) -> f64 {
     (f64::from(v) * 1e6).round() / 1e6
@@ -169,33 +229,57 @@ pub struct ParsedRecognize {
     pub crops: Vec<Result<Vec<u8>, ApiError>>,
 }
 
-/// Parses a `/recognize` body, without any I/O: the body must be a JSON object whose `bboxes`
-/// is an array of at most `max_crops` objects. An entry whose `crop` is missing, not a string
-/// or not base64 fails alone (its slot in `crops` holds the error); the others go on.
+/// [`parse_recognize_as`] as the original contract answers by default ([`LegacyStatus::Original`]).
 pub fn parse_recognize(body: &[u8], max_crops: usize) -> Result<ParsedRecognize, ApiError> {
-    let request: Value = super::extract::parse_json(body)?;
-    let entries = request
-        .as_object()
-        .and_then(|o| o.get("bboxes"))
-        .and_then(Value::as_array)
-        .ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the body must be a JSON object with a `bboxes` array"))?;
+    parse_recognize_as(body, max_crops, LegacyStatus::Original)
+}
+
+/// Parses a `/recognize` body, without any I/O: the body must be a JSON object whose `bboxes`
+/// is an array of at most `max_crops` objects. Without `bboxes` (or with `bboxes: null`) the
+/// original answered with `bboxes: []`; so does [`LegacyStatus::Original`], while
+/// [`LegacyStatus::Http`] refuses the body. An entry whose `crop` is missing, not a string or
+/// not base64 fails alone (its slot in `crops` holds the error); the others go on.
+///
+/// What the service writes is cleared here: a top-level `status` and each entry's `name`,
+/// `similarity` and `error` are removed (the handler writes its own), and an entry without
+/// `bbox` gets `bbox: null`, as the original answered. Everything else stays as sent: numbers
+/// keep their digits (serde_json's `arbitrary_precision`; only an exponent is written in one
+/// form, `3E2` as `3e+2`), strings their text, keys their order.
+pub fn parse_recognize_as(body: &[u8], max_crops: usize, mode: LegacyStatus) -> Result<ParsedRecognize, ApiError> {
+    let mut request: Value = super::extract::parse_json(body)?;
+    let shape = || ApiError::new(ErrorCode::InvalidRequest, "the body must be a JSON object with a `bboxes` array");
+    let object = request.as_object_mut().ok_or_else(shape)?;
+    object.shift_remove("status");
+    match object.get("bboxes") {
+        None | Some(Value::Null) if mode == LegacyStatus::Original => {
+            object.insert("bboxes".into(), Value::Array(Vec::new()));
+        }
+        _ => {}
+    }
+    let entries = object.get_mut("bboxes").and_then(Value::as_array_mut).ok_or_else(shape)?;
     if entries.len() > max_crops {
         return Err(ApiError::new(
             ErrorCode::TooManyCrops,
             format!("`bboxes` has {} entries; at most {max_crops} per request (MAX_CROPS)", entries.len()),
         ));
     }
-    if entries.iter().any(|e| !e.is_object()) {
-        return Err(ApiError::new(ErrorCode::InvalidRequest, "every entry of `bboxes` must be an object"));
-    }
-    let crops = entries
-        .iter()
-        .map(|entry| match entry.get("crop") {
+    let mut crops = Vec::with_capacity(entries.len());
+    for entry in entries.iter_mut() {
+        let Some(fields) = entry.as_object_mut() else {
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "every entry of `bboxes` must be an object"));
+        };
+        for key in RESERVED_ENTRY_KEYS {
+            fields.shift_remove(key);
+        }
+        if !fields.contains_key("bbox") {
+            fields.insert("bbox".into(), Value::Null);
+        }
+        crops.push(match fields.get("crop") {
             Some(Value::String(s)) => decode_base64(s),
             Some(_) => Err(ApiError::new(ErrorCode::InvalidRequest, "`crop` must be a base64 string")),
             None => Err(ApiError::new(ErrorCode::InvalidRequest, "the entry has no `crop`")),
-        })
-        .collect();
+        });
+    }
     Ok(ParsedRecognize { request, crops })
 }
 
@@ -210,7 +294,7 @@ async fn recognize_crop(st: &AppState, crop: Result<Vec<u8>, ApiError>) -> Outco
     let crop = kind.map(|k| (bytes, k));
     let result = analysis
         .map_err(ApiError::from)
-        .map(|a| most_prominent(&a.faces).and_then(|i| st.gallery.best(&a.faces[i].embedding)).map(|m| (m.name, m.score)));
+        .map(|a| most_confident(&a.faces).and_then(|i| st.gallery.best(&a.faces[i].embedding)).map(|m| (m.name, m.score)));
     Outcome { crop, result }
 }
 
@@ -270,32 +354,53 @@ pub struct EnrolResponse {
     pub embedding: Vec<f32>,
     /// Images of this request in which a face was found.
     pub images: usize,
+    /// Files of this request that gave no face, and why: unreadable (LEGACY_STATUS=original
+    /// skips them, as the original did), or an image without a face. Absent when every file counted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<SkippedFile>,
+}
+
+/// A file of an enrolment that did not count.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(example = json!({"file": "notes.txt", "code": "invalid_image", "message": "invalid image: not a supported image: expected JPEG, PNG, WebP or BMP"}))]
+pub struct SkippedFile {
+    /// The file name the form gave (`file <n>` when it gave none).
+    pub file: String,
+    /// `invalid_image`, `image_too_large` or `no_face_detected`.
+    pub code: ErrorCode,
+    pub message: String,
 }
 
 /// Enrol photos of a user.
 ///
-/// Embeds the most prominent face of each file and folds them into the user's template: the
-/// new template is the L2-normalised mean of the old one and the new embeddings, each
-/// weighted by the number of images behind it. The next `/recognize` sees it.
+/// Embeds the face of each file the detector is surest of (insightface's first, as the original
+/// took) and folds them into the user's template: the new template is the L2-normalised mean of
+/// the old one and the new embeddings, each weighted by the number of images behind it. The next
+/// `/recognize` sees it.
+///
+/// With LEGACY_STATUS=original (the default) the answers are the original service's: an unknown
+/// user and "no face in any file" are its two error bodies with HTTP 200, and an unreadable file is
+/// skipped (named in `skipped`) instead of failing the enrolment. LEGACY_STATUS=http answers them
+/// 404, 422 and 400.
 #[utoipa::path(
     post,
     path = "/calculate_average_embedding",
     tag = "recognition",
     request_body(content = EnrolForm, content_type = "multipart/form-data"),
     responses(
-        (status = 200, description = "Template updated", body = EnrolResponse),
-        (status = 400, description = "No `username` or no `files`, or a file that is not an image (`invalid_request`, `invalid_username`, `invalid_image`)", body = ErrorBody),
-        (status = 404, description = "Unknown user: exactly `{\"status\": \"error\", \"message\": \"User '<username>' not found.\"}`", body = ErrorBody,
+        (status = 200, description = "Template updated (`status` \"success\"); or, with LEGACY_STATUS=original, one of the original's two errors: exactly `{\"status\": \"error\", \"message\": \"User '<username>' not found.\"}` or `{\"status\": \"error\", \"message\": \"No faces detected in any image.\"}`", body = EnrolResponse),
+        (status = 400, description = "No `username` or no `files` (`invalid_request`, `invalid_username`); with LEGACY_STATUS=http also a file that is not an image (`invalid_image`)", body = ErrorBody),
+        (status = 404, description = "LEGACY_STATUS=http: unknown user, exactly `{\"status\": \"error\", \"message\": \"User '<username>' not found.\"}`", body = ErrorBody,
             example = json!({"status": "error", "message": "User 'alice' not found."})),
         (status = 409, description = "The user's template came from another recognizer (`model_mismatch`)", body = ErrorBody),
-        (status = 413, description = "Body or image too large, or more than MAX_FILES files (`payload_too_large`, `image_too_large`, `too_many_files`)", body = ErrorBody),
-        (status = 422, description = "No face in any file: exactly `{\"status\": \"error\", \"message\": \"No faces detected in any image.\"}`", body = ErrorBody,
+        (status = 413, description = "Body too large or more than MAX_FILES files (`payload_too_large`, `too_many_files`); with LEGACY_STATUS=http also an image over the pixel limits (`image_too_large`)", body = ErrorBody),
+        (status = 422, description = "LEGACY_STATUS=http: no face in any file, exactly `{\"status\": \"error\", \"message\": \"No faces detected in any image.\"}`", body = ErrorBody,
             example = json!({"status": "error", "message": "No faces detected in any image."})),
         (status = 429, description = "Inference queue full (`overloaded`)", body = ErrorBody),
         (status = 503, description = "Database unavailable; nothing changed (`store_unavailable`)", body = ErrorBody),
     )
 )]
-pub async fn calculate_average_embedding(State(st): State<Arc<AppState>>, form: Form) -> Result<Json<EnrolResponse>, ApiError> {
+pub async fn calculate_average_embedding(State(st): State<Arc<AppState>>, form: Form) -> Result<Response, ApiError> {
     let mut username = None;
     let mut files = Vec::new();
     for part in form.parts().await? {
@@ -323,8 +428,12 @@ pub async fn calculate_average_embedding(State(st): State<Arc<AppState>>, form: 
     if files.is_empty() {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "the form has no `files`"));
     }
+    let mode = st.legacy_status;
     let not_found = || ApiError::legacy(ErrorCode::UserNotFound, format!("User '{username}' not found."));
-    if st.store.get_user(&username).await?.is_none() {
+    // Proper statuses tell an unknown user before any inference. The original embedded the
+    // files first and looked the user up after (so an unknown user with no face got "No faces
+    // detected"): LEGACY_STATUS=original keeps that order.
+    if mode == LegacyStatus::Http && st.store.get_user(&username).await?.is_none() {
         return Err(not_found());
     }
 
@@ -334,17 +443,25 @@ pub async fn calculate_average_embedding(State(st): State<Arc<AppState>>, form: 
         tasks.spawn(super::observe::carry(crate::engine::timing::carry(async move { (i, name, engine.analyze(bytes.to_vec()).await) })));
     }
     let mut found: Vec<(usize, Vec<f32>)> = Vec::new();
+    let mut skipped: Vec<(usize, SkippedFile)> = Vec::new();
     let mut first_error: Option<(usize, ApiError)> = None;
     while let Some(joined) = tasks.join_next().await {
         let (i, name, analysis) = joined.map_err(ApiError::internal)?;
         match analysis {
-            Ok(a) => {
-                if let Some(f) = most_prominent(&a.faces) {
-                    found.push((i, a.faces[f].embedding.clone()));
-                }
-            }
+            Ok(a) => match most_confident(&a.faces) {
+                Some(f) => found.push((i, a.faces[f].embedding.clone())),
+                None => skipped.push((
+                    i,
+                    SkippedFile { file: name, code: ErrorCode::NoFaceDetected, message: "no face detected in this image".into() },
+                )),
+            },
             Err(e) => {
                 let mut e = ApiError::from(e);
+                let unreadable = matches!(e.code, ErrorCode::InvalidImage | ErrorCode::ImageTooLarge);
+                if unreadable && mode == LegacyStatus::Original {
+                    skipped.push((i, SkippedFile { file: name, code: e.code, message: e.message }));
+                    continue;
+                }
                 if e.code != ErrorCode::Overloaded && e.code != ErrorCode::Internal {
                     e.message = format!("{name}: {}", e.message);
                 }
@@ -358,21 +475,39 @@ pub async fn calculate_average_embedding(State(st): State<Arc<AppState>>, form: 
         return Err(e);
     }
     if found.is_empty() {
-        return Err(ApiError::legacy(ErrorCode::NoFaceDetected, "No faces detected in any image."));
+        return legacy_error(mode, ErrorCode::NoFaceDetected, "No faces detected in any image.".into());
+    }
+    if mode == LegacyStatus::Original && st.store.get_user(&username).await?.is_none() {
+        return legacy_error(mode, ErrorCode::UserNotFound, not_found().message);
     }
     found.sort_by_key(|(i, _)| *i);
+    skipped.sort_by_key(|(i, _)| *i);
     let embeddings: Vec<Vec<f32>> = found.into_iter().map(|(_, e)| e).collect();
 
-    let record = {
+    let enrolled = {
         let _w = st.writes.lock().await;
-        let record = st.store.enroll(&username, &embeddings, &st.engine.info().model_id).await.map_err(|e| match e {
-            crate::store::StoreError::UserNotFound(_) => not_found(),
-            other => other.into(),
-        })?;
-        st.gallery.upsert(&record.username, &record.embedding);
-        record
+        match st.store.enroll(&username, &embeddings, &st.engine.info().model_id).await {
+            Ok(record) => {
+                st.gallery.upsert(&record.username, &record.embedding);
+                Ok(record)
+            }
+            Err(e) => Err(e),
+        }
     };
-    Ok(Json(EnrolResponse { status: "success".into(), username: record.username, embedding: record.embedding, images: embeddings.len() }))
+    let record = match enrolled {
+        Ok(record) => record,
+        // Deleted meanwhile.
+        Err(crate::store::StoreError::UserNotFound(_)) => return legacy_error(mode, ErrorCode::UserNotFound, not_found().message),
+        Err(other) => return Err(other.into()),
+    };
+    Ok(Json(EnrolResponse {
+        status: "success".into(),
+        username: record.username,
+        embedding: record.embedding,
+        images: embeddings.len(),
+        skipped: skipped.into_iter().map(|(_, s)| s).collect(),
+    })
+    .into_response())
 }
 
 #[cfg(test)]
@@ -390,6 +525,29 @@ mod tests {
         assert_eq!(parse_recognize(body, 3).err().map(|e| e.code), Some(ErrorCode::TooManyCrops));
         assert_eq!(parse_recognize(b"{", 3).err().map(|e| e.code), Some(ErrorCode::InvalidJson));
         assert_eq!(parse_recognize(b"[]", 3).err().map(|e| e.code), Some(ErrorCode::InvalidRequest));
+    }
+
+    #[test]
+    fn a_body_without_bboxes_is_answered_unless_statuses_are_proper() {
+        for body in [&br#"{"camera": 3}"#[..], br#"{"camera": 3, "bboxes": null}"#, br#"{"camera": 3, "bboxes": []}"#] {
+            let parsed = parse_recognize(body, 4).expect("the original answered it");
+            assert_eq!(parsed.request, json!({"camera": 3, "bboxes": []}));
+            assert!(parsed.crops.is_empty());
+        }
+        let e = parse_recognize_as(br#"{"camera": 3}"#, 4, LegacyStatus::Http).err().map(|e| e.code);
+        assert_eq!(e, Some(ErrorCode::InvalidRequest));
+        assert!(parse_recognize_as(br#"{"bboxes": []}"#, 4, LegacyStatus::Http).is_ok());
+    }
+
+    #[test]
+    fn reserved_keys_are_cleared_and_everything_else_kept_as_sent() {
+        let body = br#"{"status": "forged", "big": 18446744073709551616, "x": 1.10, "bboxes": [{"crop": "aGVsbG8=", "name": "alice", "similarity": 0.99, "error": "mine", "track": 123456789012345678901234567890, "z": 1e400}]}"#;
+        let parsed = parse_recognize(body, 4).expect("parses");
+        let text = serde_json::to_string(&parsed.request).expect("serialises");
+        assert_eq!(
+            text,
+            r#"{"big":18446744073709551616,"x":1.10,"bboxes":[{"crop":"aGVsbG8=","track":123456789012345678901234567890,"z":1e+400,"bbox":null}]}"#
+        );
     }
 
     #[test]

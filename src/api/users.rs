@@ -10,14 +10,14 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{Body, parse_json, validate_username};
+use super::extract::{Body, parse_json, validate_new_username};
 use crate::store::{UserSummary, rfc3339};
 
 /// `POST /users` body.
 #[derive(Debug, Deserialize, ToSchema)]
 #[schema(example = json!({"username": "alice"}))]
 pub struct CreateUser {
-    /// 1 to 128 characters, no control characters.
+    /// 1 to 128 characters, no control characters, not `Unknown <n>` (how unknown faces are named).
     pub username: String,
 }
 
@@ -45,14 +45,14 @@ pub struct Deleted {
     request_body = CreateUser,
     responses(
         (status = 201, description = "Created", body = UserSummary),
-        (status = 400, description = "Bad body or username (`invalid_json`, `invalid_username`)", body = ErrorBody),
+        (status = 400, description = "Bad body or username, `Unknown <n>` included (`invalid_json`, `invalid_username`)", body = ErrorBody),
         (status = 409, description = "The name is taken (`user_exists`)", body = ErrorBody),
         (status = 503, description = "Database unavailable; nothing changed (`store_unavailable`)", body = ErrorBody),
     )
 )]
 pub async fn create_user(State(st): State<Arc<AppState>>, Body(body): Body) -> Result<(StatusCode, Json<UserSummary>), ApiError> {
     let req: CreateUser = parse_json(&body)?;
-    validate_username(&req.username, &st.limits)?;
+    validate_new_username(&req.username, &st.limits)?;
     let record = {
         let _w = st.writes.lock().await;
         st.store.create_user(&req.username).await?

@@ -60,7 +60,8 @@ pub struct Face {
     pub bbox: [f32; 4],
     /// Five keypoints: left eye, right eye, nose, left and right mouth corners.
     pub kps: [[f32; 2]; 5],
-    /// Detector confidence (1.0 for an input taken as aligned).
+    /// Detector confidence (1.0 for an input taken as aligned, which was not detected: never
+    /// reported as a score, see [`Face::detected_score`]).
     pub det_score: f32,
     /// L2-normalised embedding.
     pub embedding: Vec<f32>,
@@ -68,16 +69,30 @@ pub struct Face {
 }
 
 impl Face {
+    /// The detector's score, or `None` for an input taken as aligned (nothing was detected).
+    pub fn detected_score(&self) -> Option<f32> {
+        (self.found_by != FoundBy::Aligned).then_some(self.det_score)
+    }
+
     pub fn area(&self) -> f32 {
         (self.bbox[2] - self.bbox[0]).max(0.0) * (self.bbox[3] - self.bbox[1]).max(0.0)
     }
 }
 
-/// Index of the most prominent face: the largest box, then the higher score.
+/// Index of the most prominent face: the largest box, then the higher score. What
+/// `/api/face/*` embeds: its clients send whole photos, where the subject is the largest face.
 pub fn most_prominent(faces: &[Face]) -> Option<usize> {
     (0..faces.len()).max_by(|&a, &b| {
         faces[a].area().total_cmp(&faces[b].area()).then(faces[a].det_score.total_cmp(&faces[b].det_score)).then(b.cmp(&a))
     })
+}
+
+/// Index of the face the detector is surest of: the highest score, the earlier face on a tie.
+/// insightface's `FaceAnalysis.get` lists faces by score, and the original service took
+/// `faces[0]`: the original contract takes this one, so a crop holding several faces is named
+/// after the same face as there.
+pub fn most_confident(faces: &[Face]) -> Option<usize> {
+    (0..faces.len()).max_by(|&a, &b| faces[a].det_score.total_cmp(&faces[b].det_score).then(b.cmp(&a)))
 }
 
 /// How the analyzer looks for faces.
@@ -88,13 +103,15 @@ pub struct AnalyzerOptions {
     /// height on every side, more for detector inputs above 320 (see [`retry_padding`]):
     /// SCRFD misses faces cut tightly by upstream trackers.
     pub pad_retry: bool,
-    /// Take an input of exactly the recognizer's size (112x112) as an aligned face.
+    /// Take an input of exactly the recognizer's size (112x112) as an aligned face, without
+    /// detection. Off by default: a plain 112x112 crop (or a grey square) must go through the
+    /// detector like any other; only a caller who sends aligned faces turns it on (ALIGNED_INPUT).
     pub aligned_input: bool,
 }
 
 impl Default for AnalyzerOptions {
     fn default() -> Self {
-        Self { detect: DetectOptions::default(), pad_retry: true, aligned_input: true }
+        Self { detect: DetectOptions::default(), pad_retry: true, aligned_input: false }
     }
 }
 
@@ -359,6 +376,15 @@ mod tests {
         assert_eq!(most_prominent(&[]), None);
         let faces = [face([0.0, 0.0, 10.0, 10.0], 0.9), face([0.0, 0.0, 20.0, 20.0], 0.6), face([5.0, 5.0, 25.0, 25.0], 0.7)];
         assert_eq!(most_prominent(&faces), Some(2));
+    }
+
+    #[test]
+    fn most_confident_is_insightfaces_first() {
+        assert_eq!(most_confident(&[]), None);
+        let faces = [face([0.0, 0.0, 10.0, 10.0], 0.9), face([0.0, 0.0, 20.0, 20.0], 0.6), face([5.0, 5.0, 25.0, 25.0], 0.9)];
+        assert_eq!(most_confident(&faces), Some(0), "the highest score; the earlier on a tie");
+        assert_eq!(most_prominent(&faces), Some(2), "the largest box");
+        assert!(!AnalyzerOptions::default().aligned_input, "no 112x112 shortcut unless asked");
     }
 
     #[test]
