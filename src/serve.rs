@@ -171,6 +171,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
     tracing::info!(%addr, "listening");
     let audit = service.state.audit.clone();
+    let state_engine = service.state.engine.clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, api::app(service.state, service.max_body_bytes)).with_graceful_shutdown(async move {
         let _ = stopped.await;
@@ -201,6 +202,14 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     }
     // Connections still open past the timeout are ended when the runtime stops (main); a record
     // they queued before the audit queue closes is still written, later ones are not.
+    let workers_done = {
+        let engine = state_engine;
+        let limit = cfg.shutdown_timeout;
+        tokio::task::spawn_blocking(move || engine.shutdown(limit)).await.unwrap_or(false)
+    };
+    if !workers_done {
+        tracing::warn!("inference workers still busy at SHUTDOWN_TIMEOUT");
+    }
     tracing::info!("finishing the audit queue");
     match tokio::time::timeout(cfg.shutdown_timeout, audit.shutdown()).await {
         Ok(Ok(())) => tracing::info!(audit_failures = audit.failures(), "stopped"),

@@ -169,6 +169,8 @@ struct Shared {
     queue: Arc<JobQueue<Job>>,
     counters: Arc<Counters>,
     info: ModelInfo,
+    /// The worker threads, joined by [`Engine::shutdown`].
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Drop for Shared {
@@ -221,6 +223,7 @@ impl Engine {
                 ..EngineStats::default()
             }),
         });
+        let mut threads = Vec::with_capacity(workers);
         for (i, analyzer) in analyzers.into_iter().enumerate() {
             let ctx = WorkerCtx {
                 queue: Arc::clone(&queue),
@@ -229,13 +232,37 @@ impl Engine {
                 batch_size,
                 batch_wait: cfg.batch_wait,
             };
-            std::thread::Builder::new()
+            let handle = std::thread::Builder::new()
                 .name(format!("facerec-infer-{i}"))
                 .spawn(move || worker(analyzer, ctx))
                 .map_err(|e| FaceError::Model(format!("cannot start inference thread: {e}")))?;
+            threads.push(handle);
             counters.update(|s| s.live_workers += 1);
         }
-        Ok(Engine { shared: Arc::new(Shared { queue, counters, info }) })
+        Ok(Engine { shared: Arc::new(Shared { queue, counters, info, threads: Mutex::new(threads) }) })
+    }
+
+    /// Stops taking work, lets the workers finish what is queued and waits for their threads
+    /// to end (their sessions are dropped with them), at most `limit`. Blocking: call it off
+    /// the async runtime. A process must not exit while a worker is inside a model: OpenVINO's
+    /// and TBB's static destructors then run under it (seen: SIGSEGV on SIGTERM).
+    /// Returns whether every worker ended in time.
+    pub fn shutdown(&self, limit: Duration) -> bool {
+        self.shared.queue.close();
+        let threads: Vec<_> = std::mem::take(&mut *self.shared.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let deadline = Instant::now() + limit;
+        let mut all = true;
+        for t in threads {
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                all = false;
+            }
+        }
+        all
     }
 
     pub fn info(&self) -> &ModelInfo {
