@@ -146,6 +146,21 @@ fn bearer_token(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// Middleware for the multipart (form) endpoints: with authentication off, a request whose
+/// `Origin` is another site is 403 `cross_origin`. A form post is a "simple" request that any
+/// page a user opens may send here without a CORS preflight; with credentials configured the
+/// page has none to send, so the check is only needed, and only made, when the service is open.
+pub async fn refuse_foreign_forms(State(auth): State<Arc<AuthConfig>>, req: Request, next: Next) -> Response {
+    if auth.is_open() && super::extract::is_foreign_origin(req.headers(), req.uri()) {
+        return ApiError::new(
+            ErrorCode::CrossOrigin,
+            "a page of another site may not post here while authentication is off (its `Origin` is not this host)",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
