@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::api::RequestLimits;
+use crate::api::auth::{AuthConfig, JwtRules};
 use crate::face::image::ImageLimits;
 use crate::face::{AnalyzerOptions, DetectOptions};
 use crate::runtime::{BackendChoice, Precision, ProviderChoice, RuntimeOptions};
@@ -143,6 +144,55 @@ mod tests {
         assert!(parse_det_size("96").is_err());
         assert!(parse_det_size("4096").is_err());
         assert!(parse_det_size("big").is_err());
+    }
+
+    #[test]
+    fn lifetimes_take_a_unit_up_to_a_year() {
+        assert_eq!(parse_lifetime("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_lifetime("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_lifetime(" 30m "), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_lifetime("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_lifetime("600"), Ok(Duration::from_secs(600)));
+        for bad in ["0", "0.5s", "-1h", "367d", "forever", "", "NaN", "infd"] {
+            assert!(parse_lifetime(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// `facerec serve` parsed from these flags, then validated.
+    fn validated(args: &[&str]) -> Result<(), String> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeConfig,
+        }
+        let cli =
+            <Cli as clap::Parser>::try_parse_from(std::iter::once("facerec").chain(args.iter().copied())).map_err(|e| e.to_string())?;
+        cli.serve.validate()
+    }
+
+    #[test]
+    fn misconfigured_credentials_stop_the_start() {
+        let secret = "--jwt-secret-key=0123456789abcdef0123456789abcdef";
+        assert_eq!(validated(&[]), Ok(()));
+        assert_eq!(validated(&[secret]), Ok(()));
+        assert_eq!(validated(&["--api-keys=one,two"]), Ok(()));
+        assert_eq!(validated(&[secret, "--jwt-audience=facerec", "--jwt-issuer=https://id.example"]), Ok(()));
+        let refused = |args: &[&str], variable: &str| {
+            let e = validated(args).expect_err(&format!("{args:?} must stop the start"));
+            assert!(e.starts_with(variable), "{args:?}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        };
+        refused(&["--jwt-secret-key="], "JWT_SECRET_KEY is set but empty");
+        refused(&["--jwt-secret-key=   "], "JWT_SECRET_KEY is set but empty");
+        refused(&["--jwt-secret-key=x"], "JWT_SECRET_KEY is 1 bytes long");
+        refused(&["--jwt-secret-key=0123456789abcdef0123456789abcde"], "JWT_SECRET_KEY is 31 bytes long");
+        refused(&["--api-keys="], "API_KEYS is set but holds no key");
+        refused(&["--api-keys= , "], "API_KEYS is set but holds no key");
+        refused(&[secret, "--jwt-audience="], "JWT_AUDIENCE is set but empty");
+        refused(&[secret, "--jwt-issuer= "], "JWT_ISSUER is set but empty");
+        refused(&["--jwt-audience=facerec"], "JWT_AUDIENCE is set but JWT_SECRET_KEY is not");
+        refused(&["--api-keys=k", "--jwt-issuer=me"], "JWT_ISSUER is set but JWT_SECRET_KEY is not");
+        assert!(validated(&["--jwt-max-lifetime=0"]).is_err());
     }
 
     #[test]
@@ -298,6 +348,19 @@ pub struct ServeConfig {
     #[arg(long, env = "API_KEYS", hide_env_values = true)]
     pub api_keys: Option<String>,
 
+    /// Longest a JWT may stay valid: a token whose `exp` is further ahead than this is refused
+    /// (e.g. 24h, 30m, 7d).
+    #[arg(long, env = "JWT_MAX_LIFETIME", default_value = "24h", value_parser = parse_lifetime)]
+    pub jwt_max_lifetime: Duration,
+
+    /// When set, a JWT's `aud` must name it.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// When set, a JWT's `iss` must equal it.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
     #[command(flatten)]
     pub models: ModelConfig,
 }
@@ -316,7 +379,49 @@ impl ServeConfig {
         {
             return Err("MONGO_URI must start with mongodb:// or mongodb+srv://".into());
         }
+        self.validate_auth()
+    }
+
+    /// Authentication fails closed: a credential variable set but blank, a short secret, or a
+    /// JWT claim rule without a JWT secret stops the start instead of leaving endpoints open.
+    fn validate_auth(&self) -> Result<(), String> {
+        if let Some(secret) = &self.jwt_secret_key {
+            if secret.trim().is_empty() {
+                return Err(
+                    "JWT_SECRET_KEY is set but empty: set a secret of at least 32 bytes (e.g. `openssl rand -hex 32`), or unset it".into(),
+                );
+            }
+            if secret.len() < MIN_JWT_SECRET_BYTES {
+                return Err(format!(
+                    "JWT_SECRET_KEY is {} bytes long: at least {MIN_JWT_SECRET_BYTES} are required (e.g. `openssl rand -hex 32`)",
+                    secret.len()
+                ));
+            }
+        }
+        if let Some(keys) = &self.api_keys
+            && keys.split(',').all(|k| k.trim().is_empty())
+        {
+            return Err("API_KEYS is set but holds no key: set comma-separated keys, or unset it".into());
+        }
+        for (name, value) in [("JWT_AUDIENCE", &self.jwt_audience), ("JWT_ISSUER", &self.jwt_issuer)] {
+            match value {
+                Some(v) if v.trim().is_empty() => return Err(format!("{name} is set but empty: set it, or unset it")),
+                Some(_) if self.jwt_secret_key.is_none() => {
+                    return Err(format!("{name} is set but JWT_SECRET_KEY is not: tokens are only checked with a secret"));
+                }
+                _ => {}
+            }
+        }
         Ok(())
+    }
+
+    /// Who may call the protected endpoints (call after [`ServeConfig::validate`]).
+    pub fn auth_config(&self) -> AuthConfig {
+        AuthConfig::new(self.jwt_secret_key.as_deref(), self.api_keys.as_deref()).with_jwt_rules(JwtRules {
+            max_lifetime: self.jwt_max_lifetime,
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+        })
     }
 
     /// How the in-memory galleries are searched.
@@ -371,6 +476,32 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let secs = v * scale;
     if !(secs > 0.0 && secs <= 3600.0) {
         return Err(format!("'{s}' must be more than 0 and at most an hour"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Shortest JWT_SECRET_KEY accepted: HS256's key should be as long as its 32-byte output.
+pub const MIN_JWT_SECRET_BYTES: usize = 32;
+
+/// A token lifetime: a number with a unit (`90s`, `30m`, `24h`, `7d`) or plain seconds; more
+/// than zero and at most 366 days.
+pub fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (number, scale) = if let Some(n) = t.strip_suffix('d') {
+        (n, 86_400.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        (n, 3600.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (t, 1.0)
+    };
+    let v: f64 = number.trim().parse().map_err(|_| format!("'{s}' is not a lifetime (e.g. 24h, 30m, 7d)"))?;
+    let secs = v * scale;
+    if !(1.0..=366.0 * 86_400.0).contains(&secs) {
+        return Err(format!("'{s}' must be at least a second and at most 366 days"));
     }
     Ok(Duration::from_secs_f64(secs))
 }

@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::api::auth::AuthConfig;
 use crate::api::faces::FaceIndex;
 use crate::api::{self, AppState};
 use crate::audit::{AuditConfig, AuditHandle};
@@ -99,7 +98,7 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
     let faces_loaded = faces.load_faces(&info.model_id).await.context("loading face records from the store")?;
     let face_index = Arc::new(FaceIndex::new(info.embedding_dim).with_search(cfg.search_options()));
     face_index.extend(&faces_loaded.faces);
-    let auth = Arc::new(AuthConfig::new(cfg.jwt_secret_key.as_deref(), cfg.api_keys.as_deref()));
+    let auth = Arc::new(cfg.auth_config());
     if auth.is_open() {
         tracing::warn!("no JWT_SECRET_KEY and no API_KEYS: every endpoint is open to anyone who can reach it");
     } else {

@@ -121,6 +121,14 @@ impl Harness {
         (status, bytes.to_vec())
     }
 
+    /// The whole answer: status, headers and body.
+    async fn answer(&self, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        let resp = app(Arc::clone(&self.state), self.max_body).oneshot(req).await.expect("infallible");
+        let (parts, body) = resp.into_parts();
+        let bytes = axum::body::to_bytes(body, usize::MAX).await.expect("body");
+        (parts.status, parts.headers, bytes.to_vec())
+    }
+
     async fn json(&self, req: Request<Body>) -> (StatusCode, Value) {
         let (s, b) = self.call(req).await;
         (s, serde_json::from_slice(&b).unwrap_or_else(|_| panic!("JSON body, got {}", String::from_utf8_lossy(&b))))
@@ -583,9 +591,11 @@ async fn second_api_registers_searches_and_forgets(store: Backend) {
     // Get, image, list.
     let (s, rec) = h.json(get(&format!("/api/face/{}", ids[1]))).await;
     assert_eq!((s, rec["display_name"].clone()), (StatusCode::OK, json!("Carol")));
-    let (s, img) = h.call(get(&format!("/api/face/{}/image", ids[1]))).await;
+    let (s, headers, img) = h.answer(get(&format!("/api/face/{}/image", ids[1]))).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(img, fixture("img16.jpg"), "the image is kept as sent");
+    assert_eq!(headers[header::CACHE_CONTROL], "private, no-store", "a deleted face's image must not live on in caches");
+    assert_eq!(headers[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
     let (_, page) = h.json(get("/api/face?limit=2&offset=1")).await;
     assert_eq!(page["total"], 3);
     assert_eq!(page["items"].as_array().map(Vec::len), Some(2));
@@ -1010,4 +1020,162 @@ async fn crop_file_names_stay_readable(store: Backend) {
     assert_eq!(photos.len(), 2, "{photos:?}");
     assert!(photos.iter().any(|p| p.starts_with("photo_José_") && p.ends_with(".jpg")), "{photos:?}");
     assert!(photos.iter().any(|p| p.starts_with("photo_Unknown 1_") && p.ends_with(".png")), "the real format's extension: {photos:?}");
+}
+
+/// `req` with one more header.
+fn with_header(mut req: Request<Body>, name: header::HeaderName, value: &str) -> Request<Body> {
+    req.headers_mut().insert(name, value.parse().expect("header value"));
+    req
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_endpoints_refuse_bodies_not_labelled_json() {
+    let h = Harness::new().await;
+    let raw = |uri: &str, content_type: Option<&str>, body: &str| {
+        let mut r = Request::post(uri);
+        if let Some(ct) = content_type {
+            r = r.header(header::CONTENT_TYPE, ct);
+        }
+        r.body(Body::from(body.to_owned())).expect("request")
+    };
+    // The cross-site request of issue 15: a text/plain "simple" request creating a user.
+    for (uri, body) in [("/users", r#"{"username":"x"}"#), ("/recognize", r#"{"bboxes":[]}"#)] {
+        for ct in [
+            Some("text/plain"),
+            Some("application/x-www-form-urlencoded"),
+            Some("multipart/form-data; boundary=b"),
+            Some("text/json"),
+            None,
+        ] {
+            let (s, v) = h.json(raw(uri, ct, body)).await;
+            assert_eq!(
+                (s, v["status"].clone(), v["code"].clone()),
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, json!("error"), json!("unsupported_media_type")),
+                "{uri} with {ct:?}: {v}"
+            );
+            assert!(v["message"].as_str().is_some_and(|m| m.contains("application/json")), "{v}");
+        }
+    }
+    assert_eq!(h.json(get("/users")).await.1["count"], 0, "no user was created");
+    assert_eq!(h.json(get("/metadata")).await.1, json!({}), "no recognition ran");
+    // application/json with parameters, in any case, is JSON.
+    let (s, _) = h.json(raw("/users", Some("Application/JSON; charset=utf-8"), r#"{"username":"x"}"#)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _) = h.json(raw("/recognize", Some("application/json;charset=UTF-8"), r#"{"bboxes":[]}"#)).await;
+    assert_eq!(s, StatusCode::OK);
+    // The OpenAPI document says so.
+    let (_, doc) = h.json(get("/openapi.json")).await;
+    for path in ["/users", "/recognize"] {
+        let r = &doc["paths"][path]["post"]["responses"]["415"];
+        assert!(r["description"].as_str().is_some_and(|d| d.contains("unsupported_media_type")), "{path}: {r}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_auth_off_form_posts_from_other_sites_are_refused() {
+    let h = Harness::new().await;
+    let register = || {
+        form("/api/face/register", &[Field::Text("displayName", "Mallory".into()), Field::File("image", "m".into(), fixture("img12.jpg"))])
+    };
+    type Make = Box<dyn Fn() -> Request<Body>>;
+    let forms: Vec<(&str, Make)> = vec![
+        ("enrol", Box::new(|| multipart("/calculate_average_embedding", "alice", &[("a.jpg", fixture("img5.jpg"))]))),
+        ("encode", Box::new(|| image_form("/api/face/encode", "img12.jpg"))),
+        ("search", Box::new(|| image_form("/api/face/search", "img12.jpg"))),
+        ("register", Box::new(register)),
+        (
+            "verify",
+            Box::new(|| {
+                form(
+                    "/api/face/verify",
+                    &[Field::File("image1", "a".into(), fixture("img12.jpg")), Field::File("image2", "b".into(), fixture("img12.jpg"))],
+                )
+            }),
+        ),
+    ];
+    assert_eq!(h.create("alice").await, StatusCode::CREATED);
+    let at = |req: Request<Body>, origin: Option<&str>| {
+        let req = with_header(req, header::HOST, "localhost:8000");
+        match origin {
+            Some(o) => with_header(req, header::ORIGIN, o),
+            None => req,
+        }
+    };
+    for (what, make) in &forms {
+        for origin in ["http://evil.example", "http://localhost:8001", "null", "https://localhost:8000.evil.example"] {
+            let (s, v) = h.json(at(make(), Some(origin))).await;
+            assert_eq!((s, v["code"].clone()), (StatusCode::FORBIDDEN, json!("cross_origin")), "{what} from {origin}: {v}");
+        }
+    }
+    assert_eq!(h.json(get("/api/face")).await.1["total"], 0, "nothing was registered");
+    assert_eq!(h.json(get("/users")).await.1["users"][0]["samples"], 0, "nothing was enrolled");
+    // The same host (Swagger UI's "Try it out") and no Origin at all (curl, scripts) pass.
+    for (what, make) in &forms {
+        for origin in [Some("http://localhost:8000"), Some("http://LocalHost:8000"), None] {
+            let (s, v) = h.call(at(make(), origin)).await;
+            assert!(s.is_success(), "{what} from {origin:?}: {s} {}", String::from_utf8_lossy(&v));
+        }
+    }
+    // JSON writes are covered by their content type; a DELETE is never a simple request.
+    let (s, _) = h.call(at(post_json("/users", &json!({"username": "bob"})), Some("http://evil.example"))).await;
+    assert_eq!(s, StatusCode::CREATED, "only the form endpoints check Origin");
+    let (_, doc) = h.json(get("/openapi.json")).await;
+    for path in ["/calculate_average_embedding", "/api/face/encode", "/api/face/register", "/api/face/search", "/api/face/verify"] {
+        let r = &doc["paths"][path]["post"]["responses"]["403"];
+        assert!(r["description"].as_str().is_some_and(|d| d.contains("cross_origin")), "{path}: {r}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_auth_on_a_foreign_origin_with_credentials_passes() {
+    let h = Harness::build(Backend::Sqlite, AuthConfig::new(None, Some("key-one"))).await;
+    let req = with_header(
+        with_header(image_form("/api/face/encode", "img12.jpg"), header::HOST, "localhost:8000"),
+        header::ORIGIN,
+        "http://app.example",
+    );
+    let (s, v) = h.json(req).await;
+    assert_eq!((s, v["code"].clone()), (StatusCode::UNAUTHORIZED, json!("unauthorized")), "no credentials: 401 first");
+    let req = with_header(
+        with_header(image_form("/api/face/encode", "img12.jpg"), header::ORIGIN, "http://app.example"),
+        header::HeaderName::from_static("x-api-key"),
+        "key-one",
+    );
+    let (s, v) = h.call(req).await;
+    assert_eq!(s, StatusCode::OK, "a page that holds a key is the operator's: {}", String::from_utf8_lossy(&v));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_answer_says_nosniff_and_the_reference_pages_carry_a_policy() {
+    let h = Harness::new().await;
+    let requests: Vec<(&str, Request<Body>)> = vec![
+        ("landing", get("/")),
+        ("health", get("/health")),
+        ("users", get("/users")),
+        ("unknown route", get("/no/such")),
+        ("wrong method", get("/recognize")),
+        ("415", Request::post("/users").header(header::CONTENT_TYPE, "text/plain").body(Body::from("{}")).expect("request")),
+        ("400", post_json("/users", &json!({"username": ""}))),
+        ("docs", get("/docs/")),
+        ("redoc", get("/redoc")),
+        ("openapi", get("/openapi.json")),
+    ];
+    for (what, req) in requests {
+        let (_, headers, _) = h.answer(req).await;
+        assert_eq!(headers.get(header::X_CONTENT_TYPE_OPTIONS).map(|v| v.as_bytes()), Some(&b"nosniff"[..]), "{what}");
+    }
+    for uri in ["/docs/", "/docs/swagger-initializer.js", "/redoc", "/redoc/redoc.init.js"] {
+        let (s, headers, _) = h.answer(get(uri)).await;
+        assert_eq!(s, StatusCode::OK, "{uri}");
+        let csp = headers.get(header::CONTENT_SECURITY_POLICY).and_then(|v| v.to_str().ok()).unwrap_or_else(|| panic!("{uri}: no CSP"));
+        for directive in ["default-src 'none'", "script-src 'self';", "connect-src 'self'", "frame-ancestors 'none'"] {
+            assert!(csp.contains(directive), "{uri}: {csp}");
+        }
+        assert!(!csp.contains("unsafe-eval") && !csp.contains("script-src 'self' 'unsafe-inline'"), "{uri}: {csp}");
+    }
+    let (_, page) = h.call(get("/redoc")).await;
+    let page = String::from_utf8_lossy(&page);
+    assert!(!page.contains("<script>"), "no inline script on /redoc (the policy forbids it): {page}");
+    let (_, headers, _) = h.answer(get("/users")).await;
+    assert!(headers.get(header::CONTENT_SECURITY_POLICY).is_none(), "the API's answers are JSON, not pages");
 }

@@ -428,9 +428,37 @@ fn cases() -> Vec<Case> {
             Refused(too_large, "payload_too_large"),
         ),
         case(
-            "/recognize: text/plain body `[1]` (the type is not checked, the shape is)",
-            post_raw("/recognize", "text/plain", b"[1]".to_vec()),
+            "/recognize: JSON array body `[1]`",
+            post_raw("/recognize", "application/json", b"[1]".to_vec()),
             Refused(bad, "invalid_request"),
+        ),
+        case(
+            "/recognize: text/plain body (a cross-site simple request)",
+            post_raw("/recognize", "text/plain", b"{\"bboxes\": []}".to_vec()),
+            Refused(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+        ),
+        case(
+            "/recognize: no Content-Type",
+            Request::post("/recognize").body(Body::from("{\"bboxes\": []}")).expect("request"),
+            Refused(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+        ),
+        case(
+            "/users: form-encoded body",
+            post_raw("/users", "application/x-www-form-urlencoded", b"username=x".to_vec()),
+            Refused(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+        ),
+        case(
+            "/api/face/register: a form from another site (auth off)",
+            {
+                let mut r = form(
+                    "/api/face/register",
+                    &[("displayName", None, b"Mallory".to_vec()), ("image", Some("m.jpg"), fixture("img12.jpg"))],
+                );
+                r.headers_mut().insert(header::HOST, "127.0.0.1:8000".parse().expect("host"));
+                r.headers_mut().insert(header::ORIGIN, "http://evil.example".parse().expect("origin"));
+                r
+            },
+            Refused(StatusCode::FORBIDDEN, "cross_origin"),
         ),
         // /recognize: one entry's crop (the request is answered, the entry carries the error).
         case(

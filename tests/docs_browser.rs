@@ -1,7 +1,8 @@
 //! The API reference pages render in a real browser with no network: the real `facerec`
 //! binary serves `/docs/` (Swagger UI, its assets inside the binary) and `/redoc`, and Debian's
 //! headless Chromium loads them with every host name but 127.0.0.1 unresolvable and no proxy.
-//! The checks read the DOM after JavaScript ran (`--dump-dom`), not the static HTML.
+//! The checks read the DOM after JavaScript ran (`--dump-dom`), not the static HTML. Both pages
+//! carry a Content-Security-Policy, and render under it without a single violation.
 //!
 //! Chromium is required: `scripts/test` installs it (`apt-get install chromium`); set CHROMIUM
 //! to use another binary. A missing Chromium fails the test, it is never skipped.
@@ -64,6 +65,18 @@ struct Run {
 }
 
 impl Run {
+    /// What Chromium reported the page's Content-Security-Policy refused of the page's own
+    /// (scripts, styles, workers, requests to this server). Loads from other hosts being refused
+    /// is the policy at work (ReDoc's footer links its logo from cdn.redoc.ly), not a failure.
+    fn csp_violations(&self) -> Vec<&str> {
+        let off_host = |l: &str| (l.contains("'https://") || l.contains("'http://")) && !l.contains("'http://127.0.0.1");
+        self.stderr
+            .lines()
+            .filter(|l| l.contains("Content Security Policy") || l.contains("Content-Security-Policy"))
+            .filter(|l| !off_host(l))
+            .collect()
+    }
+
     /// The page's console messages (Chromium logs them as `INFO:CONSOLE`).
     fn console(&self) -> Vec<&str> {
         self.stderr.lines().filter(|l| l.contains(":CONSOLE")).collect()
@@ -172,6 +185,8 @@ fn swagger_ui_renders_every_operation_offline() {
     let html = page.text();
     assert!(html.contains("id=\"swagger-ui\""), "{html}");
     assert!(!html.contains("opblock"), "the static page already holds operations: {html}");
+    let csp = page.header("content-security-policy").unwrap_or_default().to_owned();
+    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self';"), "/docs/ policy: {csp:?}");
     assert_eq!(external_references(&html), Vec::<String>::new(), "/docs/ loads from other hosts");
     for asset in
         ["/docs/swagger-ui-bundle.js", "/docs/swagger-ui-standalone-preset.js", "/docs/swagger-ui.css", "/docs/swagger-initializer.js"]
@@ -205,6 +220,7 @@ fn swagger_ui_renders_every_operation_offline() {
     assert!(dom.contains("class=\"swagger-ui"), "Swagger UI did not mount; {}", context());
     assert!(dom.contains("Face Recognition API"), "no API title in the rendered page; {}", context());
     assert!(!dom.contains("Failed to load API definition"), "Swagger UI could not load /openapi.json; {}", context());
+    assert_eq!(run.csp_violations(), Vec::<&str>::new(), "the policy blocked part of Swagger UI");
     let expected = [
         ("POST", "/recognize"),
         ("GET", "/metadata"),
@@ -251,6 +267,8 @@ fn redoc_renders_offline() {
     let page = server.get("/redoc");
     assert_eq!(page.status, 200, "{}", page.text());
     assert_eq!(external_references(&page.text()), Vec::<String>::new(), "/redoc loads from other hosts");
+    let csp = page.header("content-security-policy").unwrap_or_default().to_owned();
+    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'self';"), "/redoc policy: {csp:?}");
     let script = server.get("/redoc/redoc.standalone.js");
     assert_eq!(script.status, 200);
     assert!(script.body.len() > 500_000, "ReDoc's bundle is {} bytes", script.body.len());
@@ -265,6 +283,7 @@ fn redoc_renders_offline() {
         visible_text(&rest[..end]).contains("Face Recognition API")
     });
     assert!(title_rendered, "ReDoc did not render /redoc (no <h1> with the title); console: {:#?}", run.console());
+    assert_eq!(run.csp_violations(), Vec::<&str>::new(), "the policy blocked part of ReDoc");
     let text = visible_text(dom);
     for path in ["/recognize", "/calculate_average_embedding", "/api/face/search", "/users/{username}"] {
         assert!(text.contains(path), "ReDoc's page does not show {path}; console: {:#?}", run.console());

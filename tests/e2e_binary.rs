@@ -2,7 +2,7 @@
 //! socket: create a user, enrol three photos, recognise a crop of a fourth photo next to a
 //! stranger (extra fields echoed), the audit trail (one log line, the crops on disk), the
 //! legacy error bodies byte for byte, a restart on the same folder (store and photo counter
-//! survive) and a delete.
+//! survive) and a delete. Also: misconfigured credentials stop the start with one line.
 //!
 //! Runs with the cached models in `<crate>/models` (or MODEL_CACHE_DIR); `scripts/test` runs it.
 
@@ -16,7 +16,7 @@ use std::path::Path;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use support::{Multipart, Response, Server, TempDir, fixture};
+use support::{Multipart, Response, Server, TempDir, fixture, wait_bounded};
 
 /// The crop of img11.jpg (the fourth photo of alice) around insightface's box, padded by 20%
 /// of the box on every side, re-encoded as JPEG; and the box it was cut at (x1, y1, x2, y2).
@@ -241,4 +241,51 @@ fn original_client_against_the_real_binary() {
     assert_eq!(meta4["bboxes"][0]["name"], "Unknown 1", "{meta4}");
     assert_eq!(log_lines(dir).len(), 4);
     server.stop();
+}
+
+/// Authentication fails closed: a credential variable set but blank, or a short JWT secret,
+/// stops the real binary before it loads anything, with one line naming the variable (and
+/// never its value).
+#[test]
+fn misconfigured_credentials_stop_the_start() {
+    let dir = TempDir::new("misconfig");
+    let secret = "0123456789abcdef0123456789abcdef";
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("JWT_SECRET_KEY", "")], "JWT_SECRET_KEY is set but empty"),
+        (&[("JWT_SECRET_KEY", "   ")], "JWT_SECRET_KEY is set but empty"),
+        (&[("JWT_SECRET_KEY", "hunter2")], "JWT_SECRET_KEY is 7 bytes long"),
+        (&[("API_KEYS", " , ")], "API_KEYS is set but holds no key"),
+        (&[("API_KEYS", "")], "API_KEYS is set but holds no key"),
+        (&[("JWT_SECRET_KEY", secret), ("JWT_AUDIENCE", "")], "JWT_AUDIENCE is set but empty"),
+        (&[("JWT_ISSUER", "https://id.example")], "JWT_ISSUER is set but JWT_SECRET_KEY is not"),
+        (&[("JWT_SECRET_KEY", secret), ("JWT_MAX_LIFETIME", "10y")], "JWT_MAX_LIFETIME"),
+    ];
+    for (env, expected) in cases {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_facerec"));
+        for key in ["JWT_SECRET_KEY", "API_KEYS", "JWT_AUDIENCE", "JWT_ISSUER", "JWT_MAX_LIFETIME"] {
+            cmd.env_remove(key);
+        }
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = fs::File::create(&stderr_path).expect("stderr file");
+        let mut child = cmd
+            .current_dir(dir.path())
+            .env("HOST", "127.0.0.1")
+            .env("PORT", support::free_port().to_string())
+            .env("MODEL_CACHE_DIR", dir.path().join("no-models"))
+            .env("DATABASE_PATH", dir.path().join("facerec.db"))
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn facerec");
+        let status = wait_bounded(&mut child, std::time::Duration::from_secs(30)).expect("facerec exits by itself");
+        let text = fs::read_to_string(&stderr_path).expect("stderr");
+        assert!(!status.success(), "{env:?} must stop the start; stderr:\n{text}");
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{env:?}: one line, got:\n{text}");
+        assert!(lines[0].contains(expected), "{env:?}: expected {expected:?} in {:?}", lines[0]);
+        assert!(!text.contains("hunter2"), "the secret is never printed: {text}");
+        assert!(!dir.path().join("no-models").exists(), "{env:?}: stopped before fetching models");
+    }
 }

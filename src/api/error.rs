@@ -23,6 +23,8 @@ pub enum ErrorCode {
     InvalidImage,
     ImageTooLarge,
     PayloadTooLarge,
+    UnsupportedMediaType,
+    CrossOrigin,
     TooManyCrops,
     TooManyFiles,
     NoFaceDetected,
@@ -49,6 +51,8 @@ impl ErrorCode {
             Self::NoFaceDetected => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UserNotFound | Self::FaceNotFound | Self::NotFound => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::CrossOrigin => StatusCode::FORBIDDEN,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UserExists | Self::ModelMismatch => StatusCode::CONFLICT,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
@@ -66,6 +70,8 @@ impl ErrorCode {
             Self::InvalidImage => "invalid_image",
             Self::ImageTooLarge => "image_too_large",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::CrossOrigin => "cross_origin",
             Self::TooManyCrops => "too_many_crops",
             Self::TooManyFiles => "too_many_files",
             Self::NoFaceDetected => "no_face_detected",
@@ -173,6 +179,7 @@ pub async fn json_errors(resp: Response) -> Response {
         StatusCode::NOT_FOUND => ErrorCode::NotFound,
         StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
         StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ErrorCode::UnsupportedMediaType,
         StatusCode::TOO_MANY_REQUESTS => ErrorCode::Overloaded,
         StatusCode::SERVICE_UNAVAILABLE => ErrorCode::NotReady,
         s if s.is_server_error() => ErrorCode::Internal,
@@ -273,7 +280,8 @@ mod tests {
 
         let r = json_errors(plain(StatusCode::UNSUPPORTED_MEDIA_TYPE, "")).await;
         assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "the status is kept");
-        assert_eq!(body_json(r).await["message"], "Unsupported Media Type");
+        let v = body_json(r).await;
+        assert_eq!((v["code"].as_str(), v["message"].as_str()), (Some("unsupported_media_type"), Some("Unsupported Media Type")));
 
         let r = json_errors(plain(StatusCode::PAYLOAD_TOO_LARGE, "length limit exceeded")).await;
         assert_eq!(body_json(r).await["code"], "payload_too_large");
@@ -315,6 +323,8 @@ mod tests {
             ErrorCode::InvalidImage,
             ErrorCode::ImageTooLarge,
             ErrorCode::PayloadTooLarge,
+            ErrorCode::UnsupportedMediaType,
+            ErrorCode::CrossOrigin,
             ErrorCode::TooManyCrops,
             ErrorCode::TooManyFiles,
             ErrorCode::NoFaceDetected,

@@ -1,21 +1,44 @@
-//! Request extractors whose rejections are our own errors, so a malformed or oversized
-//! body gets the same JSON error shape as everything else.
+//! Request extractors whose rejections are our own errors, so a malformed, oversized or
+//! mislabelled body gets the same JSON error shape as everything else; and the check that
+//! keeps other web sites' pages from posting forms here when authentication is off.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use serde::de::DeserializeOwned;
 
 use super::error::{ApiError, ErrorCode};
 
-/// The raw body, with the body limit turned into `payload_too_large`.
-pub struct Body(pub Bytes);
+/// A JSON endpoint's raw body: `Content-Type: application/json` (parameters such as `charset`
+/// allowed) or 415 `unsupported_media_type`, so a web page elsewhere cannot send it as a
+/// "simple" cross-site request (`text/plain` and the form types need no CORS preflight); the
+/// body limit turned into `payload_too_large`.
+pub struct JsonBody(pub Bytes);
 
-impl<S: Send + Sync> FromRequest<S> for Body {
+/// Whether `headers` label the body `application/json` (case-insensitively, any parameters).
+pub fn is_json_content_type(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        Bytes::from_request(req, state).await.map(Body).map_err(|e| {
+        if !is_json_content_type(req.headers()) {
+            let got = req.headers().get(header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                match got {
+                    Some(ct) => format!("expected `Content-Type: application/json`, got `{}`", ct.chars().take(100).collect::<String>()),
+                    None => "expected `Content-Type: application/json` (none was sent)".to_owned(),
+                },
+            ));
+        }
+        Bytes::from_request(req, state).await.map(JsonBody).map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(ErrorCode::PayloadTooLarge, "request body is larger than MAX_BODY_BYTES")
             } else {
@@ -95,6 +118,29 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     } else {
         ApiError::new(ErrorCode::InvalidRequest, format!("malformed multipart body: {}", e.body_text()))
     }
+}
+
+/// Whether a request comes from a page of another site: an `Origin` header (browsers send one
+/// on every cross-site POST) whose host and port are not the `Host` the request was sent to
+/// (`null`, sent by sandboxed and file pages, counts as foreign). No `Origin`: not a browser's
+/// cross-site request (curl, scripts), so not foreign.
+pub fn is_foreign_origin(headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else { return false };
+    let Ok(origin) = origin.to_str() else { return true };
+    let Some((scheme, authority)) = origin.trim().split_once("://") else { return true };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return true,
+    };
+    let host =
+        headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned).or_else(|| uri.authority().map(|a| a.to_string()));
+    let Some(host) = host else { return true };
+    let normal = |a: &str| {
+        let a = a.trim().trim_end_matches('/').to_ascii_lowercase();
+        a.strip_suffix(default_port).map(str::to_owned).unwrap_or(a)
+    };
+    normal(authority) != normal(&host)
 }
 
 /// Checks a username: see [`validate_name`].
@@ -193,6 +239,44 @@ mod tests {
             assert!(validate_new_username(good, &lim).is_ok(), "{good:?}");
         }
         assert_eq!(validate_new_username("Unknown 1", &lim).err().map(|e| e.code), Some(ErrorCode::InvalidUsername));
+    }
+
+    fn headers(pairs: &[(header::HeaderName, &str)]) -> HeaderMap {
+        pairs.iter().map(|(k, v)| (k.clone(), v.parse().expect("value"))).collect()
+    }
+
+    #[test]
+    fn only_application_json_is_a_json_body() {
+        for good in ["application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8", " application/json "] {
+            assert!(is_json_content_type(&headers(&[(header::CONTENT_TYPE, good)])), "{good}");
+        }
+        for bad in
+            ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/jsonx", "text/json", ""]
+        {
+            assert!(!is_json_content_type(&headers(&[(header::CONTENT_TYPE, bad)])), "{bad}");
+        }
+        assert!(!is_json_content_type(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn an_origin_is_foreign_unless_it_is_the_host() {
+        let uri: axum::http::Uri = "/api/face/register".parse().expect("uri");
+        let with = |origin: &str, host: &str| is_foreign_origin(&headers(&[(header::ORIGIN, origin), (header::HOST, host)]), &uri);
+        assert!(!is_foreign_origin(&headers(&[(header::HOST, "x:8000")]), &uri), "no Origin: not a cross-site page");
+        assert!(!with("http://localhost:8000", "localhost:8000"));
+        assert!(!with("http://LOCALHOST:8000", "localhost:8000"));
+        assert!(!with("http://10.0.0.5", "10.0.0.5:80"));
+        assert!(!with("https://faces.example", "faces.example"));
+        assert!(!with("http://[::1]:8000", "[::1]:8000"));
+        assert!(with("http://evil.example", "localhost:8000"));
+        assert!(with("http://localhost:8001", "localhost:8000"), "another port is another origin");
+        assert!(with("http://localhost.evil.example:8000", "localhost:8000"));
+        assert!(with("null", "localhost:8000"));
+        assert!(with("file://", "localhost:8000"));
+        assert!(with("ftp://localhost:8000", "localhost:8000"));
+        assert!(is_foreign_origin(&headers(&[(header::ORIGIN, "http://a")]), &uri), "no Host to compare with");
+        let absolute: axum::http::Uri = "http://a:9/x".parse().expect("uri");
+        assert!(!is_foreign_origin(&headers(&[(header::ORIGIN, "http://a:9")]), &absolute), "HTTP/2: the authority");
     }
 
     #[test]

@@ -210,6 +210,7 @@ fn face_out(f: Face) -> FaceOut {
         (status = 200, description = "Faces found", body = EncodeResponse),
         (status = 400, description = "No `image`, or not an image (`invalid_request`, `invalid_image`)", body = ErrorBody),
         (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "Authentication is off and the request comes from a page of another site: its `Origin` is not this host (`cross_origin`)", body = ErrorBody),
         (status = 413, description = "Too large (`payload_too_large`, `image_too_large`)", body = ErrorBody),
         (status = 422, description = "No face (`no_face_detected`)", body = ErrorBody),
         (status = 429, description = "Inference queue full (`overloaded`)", body = ErrorBody),
@@ -236,6 +237,7 @@ pub async fn encode(State(st): State<Arc<AppState>>, form: Form) -> Result<Json<
         (status = 201, description = "Registered", body = FaceView),
         (status = 400, description = "Missing or bad field, or not an image (`invalid_request`, `invalid_username`, `invalid_image`)", body = ErrorBody),
         (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "Authentication is off and the request comes from a page of another site: its `Origin` is not this host (`cross_origin`)", body = ErrorBody),
         (status = 413, description = "Too large (`payload_too_large`, `image_too_large`)", body = ErrorBody),
         (status = 422, description = "No face (`no_face_detected`)", body = ErrorBody),
         (status = 429, description = "Inference queue full (`overloaded`)", body = ErrorBody),
@@ -294,6 +296,7 @@ fn content_type(kind: ImageKind) -> &'static str {
             headers(("x-queue-time" = String, description = "ms waiting for inference"), ("x-inference-time" = String, description = "ms of decode + detect + align + embed"), ("x-search-time" = String, description = "ms of the gallery search"))),
         (status = 400, description = "Missing or bad field, or not an image (`invalid_request`, `invalid_image`)", body = ErrorBody),
         (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "Authentication is off and the request comes from a page of another site: its `Origin` is not this host (`cross_origin`)", body = ErrorBody),
         (status = 413, description = "Too large (`payload_too_large`, `image_too_large`)", body = ErrorBody),
         (status = 422, description = "No face in the query (`no_face_detected`)", body = ErrorBody),
         (status = 429, description = "Inference queue full (`overloaded`)", body = ErrorBody),
@@ -356,8 +359,7 @@ fn face_not_found(id: &str) -> ApiError {
 pub async fn get_face_image(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let image = st.faces.get_face_image(&id).await?.ok_or_else(|| face_not_found(&id))?;
     let ct = HeaderValue::from_str(&image.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
-    Ok(([(header::CONTENT_TYPE, ct), (header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=3600"))], image.bytes)
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, ct), (header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"))], image.bytes).into_response())
 }
 
 /// Registered faces, oldest first.
@@ -424,6 +426,7 @@ pub async fn delete_face(State(st): State<Arc<AppState>>, Path(id): Path<String>
         (status = 200, description = "Similarity and decision", body = VerifyResponse),
         (status = 400, description = "Missing or bad field, or not an image (`invalid_request`, `invalid_image`)", body = ErrorBody),
         (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
+        (status = 403, description = "Authentication is off and the request comes from a page of another site: its `Origin` is not this host (`cross_origin`)", body = ErrorBody),
         (status = 413, description = "Too large (`payload_too_large`, `image_too_large`)", body = ErrorBody),
         (status = 422, description = "No face in one of the images (`no_face_detected`)", body = ErrorBody),
         (status = 429, description = "Inference queue full (`overloaded`)", body = ErrorBody),

@@ -146,17 +146,21 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The router with every route, the docs and the body limit.
 pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     // Everything that changes or reveals identities needs credentials when auth is on.
-    let protected = Router::new()
-        .route("/recognize", post(recognize::recognize))
-        .route("/metadata", get(recognize::metadata))
+    // Form posts need no CORS preflight: with auth off, another site's page may not send them.
+    let forms = Router::new()
         .route("/calculate_average_embedding", post(recognize::calculate_average_embedding))
-        .route("/users", post(users::create_user).get(users::list_users))
-        .route("/users/{username}", delete(users::delete_user))
-        .route("/api/face", get(faces::list_faces))
         .route("/api/face/encode", post(faces::encode))
         .route("/api/face/register", post(faces::register))
         .route("/api/face/search", post(faces::search))
         .route("/api/face/verify", post(faces::verify))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state.auth), auth::refuse_foreign_forms));
+    let protected = Router::new()
+        .route("/recognize", post(recognize::recognize))
+        .route("/metadata", get(recognize::metadata))
+        .route("/users", post(users::create_user).get(users::list_users))
+        .route("/users/{username}", delete(users::delete_user))
+        .route("/api/face", get(faces::list_faces))
+        .merge(forms)
         .route("/api/face/{id}", get(faces::get_face).delete(faces::delete_face))
         .route("/api/face/{id}/image", get(faces::get_face_image))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state.auth), auth::require_auth));
@@ -166,9 +170,14 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/ready", get(ready::ready))
         .route("/metrics", get(metrics::metrics));
     let api = protected.merge(public).with_state(state).layer(axum::middleware::from_fn(timing::engine_timing));
-    api.merge(SwaggerUi::new("/docs").url("/openapi.json", openapi()))
+    // The reference pages run only their own scripts (compiled into the binary).
+    let reference = Router::new()
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi()))
         .route("/redoc", get(docs::redoc_page))
         .route("/redoc/redoc.standalone.js", get(docs::redoc_script))
+        .route("/redoc/redoc.init.js", get(docs::redoc_init))
+        .layer(axum::middleware::map_response(docs::content_security_policy));
+    api.merge(reference)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -179,8 +188,16 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         // Every log line of a request carries its id and route (the span); a 5xx is logged once,
         // where it is made (ApiError::internal, the store mapping), not again here.
         .layer(TraceLayer::new_for_http().make_span_with(observe::span_for).on_failure(()))
+        // Every answer, errors and docs included: browsers must not guess another content type.
+        .layer(axum::middleware::map_response(nosniff))
         // Outermost: request id in and out, metrics (it reads the timing headers set inside).
         .layer(axum::middleware::from_fn(observe::observe))
+}
+
+/// `X-Content-Type-Options: nosniff`: a stored image (or an error) is never run as HTML or script.
+async fn nosniff(mut resp: axum::response::Response) -> axum::response::Response {
+    resp.headers_mut().insert(axum::http::header::X_CONTENT_TYPE_OPTIONS, axum::http::HeaderValue::from_static("nosniff"));
+    resp
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

@@ -17,7 +17,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, EntryError, ErrorBody, ErrorCode};
-use super::extract::{Body, Form, validate_username};
+use super::extract::{Form, JsonBody, validate_username};
 use crate::audit::{AuditRecord, Crop};
 use crate::face::image::{ImageKind, sniff};
 use crate::face::most_confident;
@@ -138,11 +138,12 @@ struct Outcome {
         (status = 200, description = "Every entry enriched", body = RecognizeResponse),
         (status = 400, description = "The body is not a JSON object, `bboxes` is not an array of objects, or (LEGACY_STATUS=http only) there is no `bboxes` (`invalid_json`, `invalid_request`)", body = ErrorBody),
         (status = 413, description = "Body over MAX_BODY_BYTES (`payload_too_large`), or more than MAX_CROPS entries (`too_many_crops`)", body = ErrorBody),
+        (status = 415, description = "The body is not labelled `Content-Type: application/json` (`unsupported_media_type`)", body = ErrorBody),
         (status = 429, description = "Inference queue full (`overloaded`); see Retry-After", body = ErrorBody),
         (status = 500, description = "Internal error (`internal`)", body = ErrorBody),
     )
 )]
-pub async fn recognize(State(st): State<Arc<AppState>>, Body(body): Body) -> Result<Json<Value>, ApiError> {
+pub async fn recognize(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<Json<Value>, ApiError> {
     let ParsedRecognize { mut request, crops } = parse_recognize_as(&body, st.limits.max_crops, st.legacy_status)?;
     let entries = request
         .get_mut("bboxes")
@@ -390,6 +391,7 @@ pub struct SkippedFile {
     responses(
         (status = 200, description = "Template updated (`status` \"success\"); or, with LEGACY_STATUS=original, one of the original's two errors: exactly `{\"status\": \"error\", \"message\": \"User '<username>' not found.\"}` or `{\"status\": \"error\", \"message\": \"No faces detected in any image.\"}`", body = EnrolResponse),
         (status = 400, description = "No `username` or no `files` (`invalid_request`, `invalid_username`); with LEGACY_STATUS=http also a file that is not an image (`invalid_image`)", body = ErrorBody),
+        (status = 403, description = "Authentication is off and the request comes from a page of another site: its `Origin` is not this host (`cross_origin`)", body = ErrorBody),
         (status = 404, description = "LEGACY_STATUS=http: unknown user, exactly `{\"status\": \"error\", \"message\": \"User '<username>' not found.\"}`", body = ErrorBody,
             example = json!({"status": "error", "message": "User 'alice' not found."})),
         (status = 409, description = "The user's template came from another recognizer (`model_mismatch`)", body = ErrorBody),

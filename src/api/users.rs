@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{Body, parse_json, validate_new_username};
+use super::extract::{JsonBody, parse_json, validate_new_username};
 use crate::store::{UserSummary, rfc3339};
 
 /// `POST /users` body.
@@ -47,10 +47,11 @@ pub struct Deleted {
         (status = 201, description = "Created", body = UserSummary),
         (status = 400, description = "Bad body or username, `Unknown <n>` included (`invalid_json`, `invalid_username`)", body = ErrorBody),
         (status = 409, description = "The name is taken (`user_exists`)", body = ErrorBody),
+        (status = 415, description = "The body is not labelled `Content-Type: application/json` (`unsupported_media_type`)", body = ErrorBody),
         (status = 503, description = "Database unavailable; nothing changed (`store_unavailable`)", body = ErrorBody),
     )
 )]
-pub async fn create_user(State(st): State<Arc<AppState>>, Body(body): Body) -> Result<(StatusCode, Json<UserSummary>), ApiError> {
+pub async fn create_user(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<(StatusCode, Json<UserSummary>), ApiError> {
     let req: CreateUser = parse_json(&body)?;
     validate_new_username(&req.username, &st.limits)?;
     let record = {

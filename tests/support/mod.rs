@@ -108,6 +108,9 @@ const INHERITED_SETTINGS_DROPPED: &[&str] = &[
     "OPENVINO_PRECISION",
     "JWT_SECRET_KEY",
     "API_KEYS",
+    "JWT_MAX_LIFETIME",
+    "JWT_AUDIENCE",
+    "JWT_ISSUER",
     "RUST_LOG",
     "LOG_FORMAT",
 ];
