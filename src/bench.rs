@@ -85,7 +85,7 @@ pub async fn search(mut cfg: ServeConfig, opts: SearchBench) -> anyhow::Result<(
 
     let started = Instant::now();
     let service = crate::serve::build(&cfg).await?;
-    println!("service ready with {} face records in {:.1} s", service.state.face_index.len(), started.elapsed().as_secs_f64());
+    println!("service ready with {} face records in {:.1} s", service.state.service.face_index().len(), started.elapsed().as_secs_f64());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let app = api::app(Arc::clone(&service.state), service.max_body_bytes);
@@ -352,7 +352,7 @@ gallery heap {:.0} MiB (rows {:.0} MiB)",
 }
 
 /// Fills (once; reused) an SQLite file with `store_users` users, then times what `serve`
-/// does at start: [`crate::serve::load_gallery`].
+/// does at start: [`crate::service::load::gallery`].
 fn store_load(opts: &GalleryBench) -> anyhow::Result<()> {
     let dim = crate::store::EMBEDDING_DIM;
     let n = opts.store_users;
@@ -399,7 +399,7 @@ fn store_load(opts: &GalleryBench) -> anyhow::Result<()> {
     let started = Instant::now();
     let store = SqliteStore::open(&path)?;
     // As serve::build does: the store streams, the gallery is built meanwhile.
-    let (gallery, _) = rt.block_on(crate::serve::load_gallery(&store, model_id, dim))?;
+    let (gallery, _) = rt.block_on(crate::service::load::gallery(&store, model_id, dim))?;
     let users = gallery.len();
     let total = started.elapsed();
     let after = rss();

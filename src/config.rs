@@ -302,8 +302,8 @@ pub struct ServeConfig {
     /// `original` (as the original service: its two errors with HTTP 200, unreadable enrolment
     /// files skipped, a body without `bboxes` answered) or `http` (404, 422 and 400). The other
     /// endpoints always use proper statuses.
-    #[arg(long, env = "LEGACY_STATUS", value_enum, default_value_t = crate::api::LegacyStatus::Original)]
-    pub legacy_status: crate::api::LegacyStatus,
+    #[arg(long, env = "LEGACY_STATUS", value_enum, default_value_t = crate::service::LegacyStatus::Original)]
+    pub legacy_status: crate::service::LegacyStatus,
 
     /// Take a /recognize crop or enrolment photo of exactly 112x112 pixels as an already aligned
     /// face, without detection (for pipelines that align faces themselves). Off: every image goes

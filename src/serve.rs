@@ -7,48 +7,27 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::api::faces::FaceIndex;
 use crate::api::{self, AppState};
 use crate::audit::{AuditConfig, AuditHandle};
 use crate::config::ServeConfig;
 use crate::engine::{Engine, EngineConfig};
 use crate::face::pack;
 use crate::fetch;
-use crate::gallery::Gallery;
 use crate::runtime::Runtime;
+use crate::service::{Service, ServiceOptions};
+use crate::store::FaceStore;
 use crate::store::faces::FaceRecordStore;
-use crate::store::follow::{self, WriteGate};
 use crate::store::mongo::MongoStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{FaceStore, LoadedUsers, UserRecord};
 
 /// Everything built at start, before listening.
-pub struct Service {
+pub struct Assembled {
     pub state: Arc<AppState>,
     pub max_body_bytes: usize,
 }
 
-/// The gallery of every enrolled user in `store`, built on a blocking thread from the
-/// batches the store streams while it still reads; and the load's counts.
-pub async fn load_gallery(store: &dyn FaceStore, model_id: &str, dim: usize) -> anyhow::Result<(Gallery, LoadedUsers)> {
-    let (sink, batches) = std::sync::mpsc::sync_channel::<Vec<UserRecord>>(4);
-    let build = tokio::task::spawn_blocking(move || {
-        let users = batches.into_iter().flatten().filter(|u| !u.embedding.is_empty());
-        // New users cannot be named so (POST /users refuses it), but a store written by another tool may hold one.
-        let users = users.inspect(|u| {
-            if crate::api::looks_like_unknown(&u.username) {
-                tracing::warn!(user = %u.username, "a user is named like an unknown face (`Unknown <n>`): /recognize answers naming them look like unknown faces; rename the user");
-            }
-        });
-        Gallery::from_entries(dim, users.map(|u| (u.username, u.embedding)))
-    });
-    let loaded = store.stream_users(model_id, sink).await.context("loading users from the store")?;
-    let gallery = build.await.context("building the gallery")?;
-    Ok((gallery, loaded))
-}
-
 /// Loads models, store and gallery. Errors say what to fix.
-pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
+pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Assembled> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     let started = Instant::now();
     // MongoDB first: an unreachable database stops the start before the models are loaded.
@@ -90,14 +69,6 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
             (Arc::clone(&sqlite) as Arc<dyn FaceStore>, sqlite)
         }
     };
-    let (gallery, loaded) = load_gallery(store.as_ref(), &info.model_id, info.embedding_dim).await?;
-    if loaded.other_model > 0 {
-        tracing::warn!(count = loaded.other_model, ours = %info.model_id, "users enrolled with another recognizer are kept but not compared");
-    }
-    let gallery = Arc::new(gallery.with_search(cfg.search_options()));
-    let faces_loaded = faces.load_faces(&info.model_id).await.context("loading face records from the store")?;
-    let face_index = Arc::new(FaceIndex::new(info.embedding_dim).with_search(cfg.search_options()));
-    face_index.extend(&faces_loaded.faces);
     let auth = Arc::new(cfg.auth_config());
     if auth.is_open() {
         tracing::warn!("no JWT_SECRET_KEY and no API_KEYS: every endpoint is open to anyone who can reach it");
@@ -113,49 +84,27 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Service> {
     })
     .await
     .with_context(|| format!("preparing {} and {}", cfg.log_file.display(), cfg.photo_dir.display()))?;
+    let options =
+        ServiceOptions { sim_threshold: cfg.sim_threshold, model_pack: cfg.models.model_pack.clone(), search: cfg.search_options() };
+    let service =
+        Arc::new(Service::open(engine, store, faces, audit, options).await.context("loading users and face records from the store")?);
     tracing::info!(
         provider = %info.provider,
         backend = %info.backend,
         pack = %cfg.models.model_pack,
         recognizer = %info.model_id,
-        users = gallery.len(),
-        face_records = face_index.len(),
-        store = ?store.kind(),
+        users = service.gallery().len(),
+        face_records = service.face_index().len(),
+        store = ?service.store_kind(),
         workers = cfg.workers,
         det_size = cfg.det_size,
         secs = started.elapsed().as_secs_f32(),
         "ready"
     );
-    let state = Arc::new(AppState {
-        engine,
-        gallery,
-        store_kind: store.kind(),
-        store,
-        faces,
-        face_index,
-        audit,
-        auth,
-        metadata: std::sync::RwLock::new(serde_json::json!({})),
-        sim_threshold: cfg.sim_threshold,
-        model_pack: cfg.models.model_pack.clone(),
-        skipped_other_model: loaded.other_model,
-        skipped_malformed: loaded.malformed,
-        writes: tokio::sync::Mutex::new(()),
-        limits: cfg.request_limits(),
-        legacy_status: cfg.legacy_status,
-    });
-    // A shared store (MongoDB): follow the other replicas' writes into the gallery.
-    if let Some(feed) = state.store.follow().await.context("following other replicas' writes")? {
-        tokio::spawn(follow::run(Arc::clone(&state), Arc::clone(&state.gallery), info.model_id.clone(), feed));
-    }
-    Ok(Service { state, max_body_bytes: cfg.max_body_bytes })
-}
-
-/// The follower applies other replicas' changes under the handlers' write lock.
-impl WriteGate for AppState {
-    fn writes(&self) -> &tokio::sync::Mutex<()> {
-        &self.writes
-    }
+    // A shared store (MongoDB): follow the other replicas' writes into both indexes.
+    service.follow().await.context("following other replicas' writes")?;
+    let state = Arc::new(AppState::new(service, auth, cfg.request_limits(), cfg.legacy_status));
+    Ok(Assembled { state, max_body_bytes: cfg.max_body_bytes })
 }
 
 /// Builds the service and serves until SIGTERM or SIGINT; then stops accepting connections, lets
@@ -169,8 +118,8 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let mut signals = Signals::new().context("installing the SIGTERM/SIGINT handlers")?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
     tracing::info!(%addr, "listening");
-    let audit = service.state.audit.clone();
-    let state_engine = service.state.engine.clone();
+    let audit = service.state.service.audit().clone();
+    let state_engine = service.state.service.engine().clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, api::app(service.state, service.max_body_bytes)).with_graceful_shutdown(async move {
         let _ = stopped.await;

@@ -19,13 +19,12 @@ use tower::ServiceExt;
 use common::{fixture, golden, pack_dir, runtime, temp_dir};
 use facerec::api::LegacyStatus;
 use facerec::api::auth::AuthConfig;
-use facerec::api::faces::FaceIndex;
 use facerec::api::{AppState, app};
 use facerec::audit::{AuditConfig, AuditHandle};
 use facerec::config::ServeConfig;
 use facerec::engine::{Engine, EngineConfig};
 use facerec::face::AnalyzerOptions;
-use facerec::gallery::Gallery;
+use facerec::service::{Service, ServiceOptions};
 use facerec::store::FaceStore;
 use facerec::store::faces::FaceRecordStore;
 use facerec::store::mongo::{MongoOptions, MongoStore};
@@ -93,24 +92,9 @@ impl Harness {
         let audit = AuditHandle::start(AuditConfig { queue: 64, ..AuditConfig::new(dir.join("logs.txt"), dir.join("photo")) })
             .await
             .expect("audit");
-        let state = Arc::new(AppState {
-            gallery: Arc::new(Gallery::new(engine.info().embedding_dim)),
-            face_index: Arc::new(FaceIndex::new(engine.info().embedding_dim)),
-            engine,
-            store_kind: store.kind(),
-            store,
-            faces,
-            audit,
-            auth: Arc::new(auth),
-            metadata: std::sync::RwLock::new(json!({})),
-            sim_threshold: 0.3,
-            model_pack: "buffalo_sc".into(),
-            skipped_other_model: 0,
-            skipped_malformed: 0,
-            writes: tokio::sync::Mutex::new(()),
-            limits: defaults().request_limits(),
-            legacy_status: legacy,
-        });
+        let options = ServiceOptions { sim_threshold: 0.3, ..ServiceOptions::default() };
+        let service = Arc::new(Service::open(engine, store, faces, audit, options).await.expect("service"));
+        let state = Arc::new(AppState::new(service, Arc::new(auth), defaults().request_limits(), legacy));
         Harness { state, dir, max_body: defaults().max_body_bytes }
     }
 
@@ -388,11 +372,11 @@ async fn users_are_created_listed_and_deleted(store: Backend) {
     assert_eq!(list["users"][0]["username"], "carol");
     assert_eq!(list["users"][0]["samples"], 2);
     assert!(list["users"][0].get("embedding").is_none() && list["users"][0].get("embeddings").is_none(), "no vectors");
-    assert_eq!(h.state.gallery.len(), 1);
+    assert_eq!(h.state.service.gallery().len(), 1);
 
     let req = Request::delete("/users/carol").body(Body::empty()).expect("request");
     assert_eq!(h.json(req).await.0, StatusCode::OK);
-    assert_eq!(h.state.gallery.len(), 0, "gone from memory");
+    assert_eq!(h.state.service.gallery().len(), 0, "gone from memory");
     assert_eq!(h.json(get("/users")).await.1["count"], 0, "gone from the store");
     let req = Request::delete("/users/carol").body(Body::empty()).expect("request");
     let (s, v) = h.json(req).await;
@@ -891,8 +875,8 @@ async fn a_crop_with_several_faces_stands_for_the_surest_face(store: Backend) {
     let area = |b: [f32; 4]| (b[2] - b[0]) * (b[3] - b[1]);
     let largest = (0..faces.len()).max_by(|&a, &b| area(faces[a].bbox).total_cmp(&area(faces[b].bbox))).expect("faces");
     assert_ne!(largest, 0, "the fixture's largest face is not its surest one");
-    h.state.gallery.upsert("surest", &faces[0].embedding);
-    h.state.gallery.upsert("largest", &faces[largest].embedding);
+    h.state.service.gallery().upsert("surest", &faces[0].embedding);
+    h.state.service.gallery().upsert("largest", &faces[largest].embedding);
     let (s, v) = h.json(post_json("/recognize", &json!({"bboxes": [{"bbox": [0, 0, 1, 1], "crop": b64(&fixture("t1.jpg"))}]}))).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let e = &v["meta"]["bboxes"][0];

@@ -259,12 +259,12 @@ impl Service {
 
     /// What a rejected request must leave as it was.
     async fn snapshot(&self) -> Snapshot {
-        let users = self.state.store.list_users().await.expect("users");
-        let faces = self.state.faces.list_faces(1, 0).await.expect("faces").1;
+        let users = self.state.service.list_users().await.expect("users");
+        let faces = self.state.service.list_faces(1, 0).await.expect("faces").1;
         Snapshot {
             users: users.iter().map(|u| (u.username.clone(), u.samples)).collect(),
             faces,
-            gallery: self.state.gallery.len(),
+            gallery: self.state.service.gallery().len(),
             log_lines: std::fs::read_to_string(self.dir.join("logs.txt")).unwrap_or_default().lines().count(),
             photos: std::fs::read_dir(self.dir.join("photo")).map(|d| d.count()).unwrap_or(0),
         }
@@ -781,7 +781,7 @@ async fn run_cases() {
     assert_eq!(s, StatusCode::OK, "{v}");
     let (s, v, _) = svc.call(post_json("/recognize", &json!({"bboxes": [{"crop": b64(&fixture("img17.jpg"))}]}))).await;
     assert_eq!((s, &v["meta"]["bboxes"][0]["name"]), (StatusCode::OK, &json!(evil)), "{v}");
-    svc.state.audit.shutdown().await.expect("audit flushed");
+    svc.state.service.audit().shutdown().await.expect("audit flushed");
     let photo_dir = dir.join("photo");
     let outside: Vec<_> =
         walk(&dir).into_iter().filter(|p| !p.starts_with(&photo_dir) && p.extension().is_some_and(|e| e == "jpg")).collect();

@@ -111,15 +111,15 @@ async fn overload_is_refused_at_once_and_every_engine_answer_is_timed() {
     let slow = noise_image(3000);
     let mut blockers = Vec::new();
     for _ in 0..3 {
-        let engine = state.engine.clone();
+        let engine = state.service.engine().clone();
         let slow = slow.clone();
         blockers.push(tokio::spawn(async move { engine.analyze(slow).await }));
         let want = blockers.len() as u64;
-        while state.engine.stats().jobs_accepted < want {
+        while state.service.engine().stats().jobs_accepted < want {
             tokio::task::yield_now().await;
         }
     }
-    assert_eq!(state.engine.stats().queue_depth, 2, "{:?}", state.engine.stats());
+    assert_eq!(state.service.engine().stats().queue_depth, 2, "{:?}", state.service.engine().stats());
     for (path, req) in engine_requests(&face) {
         let (status, headers, body) = call(&state, req).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{path}: {body}");
@@ -127,8 +127,8 @@ async fn overload_is_refused_at_once_and_every_engine_answer_is_timed() {
         assert!(headers.get(header::RETRY_AFTER).is_some(), "{path}: Retry-After");
         assert!(headers.get("x-inference-time").is_none(), "{path}: the engine computed nothing");
     }
-    assert!(state.engine.stats().queue_depth == 2, "the refusals came while the queue was still full");
-    assert!(state.engine.stats().jobs_rejected >= 7);
+    assert!(state.service.engine().stats().queue_depth == 2, "the refusals came while the queue was still full");
+    assert!(state.service.engine().stats().jobs_rejected >= 7);
     for b in blockers {
         b.await.expect("joins").expect("the noise image is analysed (no face)");
     }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use facerec::gallery::Gallery;
+use facerec::service::follow;
 use facerec::store::faces::{FaceRecord, FaceRecordStore, StoredImage};
-use facerec::store::follow;
 use facerec::store::mongo::{FollowMode, MongoOptions, MongoStore};
 use facerec::store::{EMBEDDING_DIM, FaceStore, StoreError, weighted_template};
 use mongo_support::{Facerec, Secantus, TempDir, dump_docs, insert_docs, wait_until};
@@ -224,7 +224,7 @@ async fn follower_scenario(db: &str, mode: FollowMode) {
     let gallery = Arc::new(Gallery::from_entries(EMBEDDING_DIM, loaded.users.into_iter().map(|u| (u.username, u.embedding))));
     let gate = Arc::new(tokio::sync::Mutex::new(()));
     let feed = b.follow().await.unwrap().expect("a MongoDB store has a feed");
-    let task = tokio::spawn(follow::run(Arc::clone(&gate), Arc::clone(&gallery), MODEL.to_owned(), feed));
+    let task = tokio::spawn(follow::users(Arc::clone(&gate), Arc::clone(&gallery), MODEL.to_owned(), feed));
     let within = |what: &'static str, f: Box<dyn Fn(&Gallery) -> bool + Send>| {
         let g = Arc::clone(&gallery);
         async move {
@@ -452,6 +452,25 @@ fn two_replicas(server: &Secantus, db: &str, extra: &[(&str, &str)]) {
     assert_eq!(a.delete("/users/carol").status, 200);
     within_1s("deletion", &b, "img6.jpg", &|n| n.starts_with("Unknown"));
     assert_eq!(b.get("/health").json()["users"].as_u64(), Some(1));
+
+    // Face records of the second API: registered through A, found by B's search within 1 s;
+    // deleted through B, gone from A's search within 1 s.
+    face_records_follow(&a, &b);
+}
+
+/// A face record registered on one replica is found by the other's search within 1 s, and a
+/// deletion on the other is gone from the first's within 1 s.
+fn face_records_follow(a: &Facerec, b: &Facerec) {
+    let found_within_1s = |what: &str, replica: &Facerec, photo: &str, want: &dyn Fn(&[String]) -> bool| {
+        let took = wait_until(Duration::from_secs(1), || want(&replica.search(photo)));
+        assert!(took.is_some(), "{what}: not seen by the other replica within 1 s; its stderr:\n{}", replica.stderr());
+    };
+    let before = b.search("img6.jpg");
+    let id = a.register("Carol at the gate", "img5.jpg");
+    assert!(!before.contains(&id));
+    found_within_1s("face registration", b, "img6.jpg", &|ids| ids.first() == Some(&id));
+    assert_eq!(b.delete(&format!("/api/face/{id}")).status, 200);
+    found_within_1s("face deletion", a, "img6.jpg", &|ids| !ids.contains(&id));
 }
 
 #[test]
@@ -716,4 +735,28 @@ fn the_binary_keeps_face_records_in_mongodb_across_a_restart() {
     assert_eq!((img.status, img.body), (200, mongo_support::fixture("img5.jpg")));
     assert_eq!(f.delete(&format!("/api/face/{id}")).status, 200);
     assert_eq!(dump_faces(&uri).0.len(), 0);
+}
+
+/// A replica that was down while the other registered and deleted face records starts with the
+/// store's state (not its own old one), then follows again.
+#[test]
+fn a_restarted_replica_loads_then_follows_face_records() {
+    let uri = Secantus::shared().uri("face-restart");
+    let (da, db_) = (TempDir::new("face-restart-a"), TempDir::new("face-restart-b"));
+    let a = Facerec::start(da.path(), &uri, &[]);
+    let b = Facerec::start(db_.path(), &uri, &[]);
+    let old = a.register("Dave", "img16.jpg");
+    let took = wait_until(Duration::from_secs(1), || b.search("img17.jpg").contains(&old));
+    assert!(took.is_some(), "B follows A before the restart; B's stderr:\n{}", b.stderr());
+
+    b.stop();
+    assert_eq!(a.delete(&format!("/api/face/{old}")).status, 200);
+    let new = a.register("Carol", "img5.jpg");
+    let b = Facerec::start(db_.path(), &uri, &[]);
+    assert!(!b.search("img17.jpg").contains(&old), "deleted while B was down: gone after its start");
+    assert_eq!(b.search("img6.jpg").first(), Some(&new), "registered while B was down: found after its start");
+
+    let later = a.register("Dave again", "img16.jpg");
+    let took = wait_until(Duration::from_secs(1), || b.search("img17.jpg").first() == Some(&later));
+    assert!(took.is_some(), "B follows A again after its restart; B's stderr:\n{}", b.stderr());
 }

@@ -183,14 +183,7 @@ pub fn validate_new_username(name: &str, limits: &RequestLimits) -> Result<(), A
     Ok(())
 }
 
-/// `Unknown`, then any separators (white space of any kind, `_`, `-`, `.`), then digits or nothing,
-/// compared without case.
-pub fn looks_like_unknown(name: &str) -> bool {
-    let lower = name.trim().to_lowercase();
-    let Some(rest) = lower.strip_prefix("unknown") else { return false };
-    let rest = rest.trim_start_matches(|c: char| c.is_whitespace() || matches!(c, '_' | '-' | '.' | '#' | '\u{200c}' | '\u{200d}'));
-    rest.chars().all(|c| c.is_numeric())
-}
+pub use crate::service::looks_like_unknown;
 
 /// Invisible characters that reorder or hide text (bidirectional overrides and isolates,
 /// zero-width space, the byte-order mark): harmless in storage, misleading in logs. Joiners

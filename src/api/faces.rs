@@ -1,11 +1,10 @@
 //! The second API, for web and mobile clients: `/api/face/*` (encode, register, search,
 //! get, image, list, delete) and verify. Single images in (multipart), vectors and matches
-//! out. Face records live in the store's `faces` table/collection and, for search, in a
-//! second in-memory matrix keyed by record id.
+//! out: the forms are read and checked here, the use cases are the service's
+//! ([`crate::service::faces`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
 
 use axum::Json;
 use axum::body::Bytes;
@@ -18,12 +17,9 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{Form, Part};
-use crate::face::image::ImageKind;
-use crate::face::{Face, FoundBy, cosine, most_prominent};
-use crate::store::faces::{FaceRecord, FaceView, StoredImage};
-
-/// Largest image kept by register (MongoDB documents stop at 16 MiB).
-const MAX_STORED_IMAGE: usize = 15 << 20;
+use crate::face::{Face, FoundBy};
+use crate::gallery::RecordMatch;
+use crate::store::faces::FaceView;
 
 /// A face found in an image.
 #[derive(Debug, Serialize, ToSchema)]
@@ -181,19 +177,6 @@ fn number<T: std::str::FromStr>(parts: &HashMap<String, Part>, name: &str) -> Re
     }
 }
 
-/// Every face of `bytes`, most prominent first; 422 when there is none.
-async fn faces_of(st: &AppState, bytes: &Bytes, what: &str) -> Result<(Vec<Face>, ImageKind), ApiError> {
-    let analysis = st.engine.analyze(bytes.to_vec()).await?;
-    let mut faces = analysis.faces;
-    let Some(best) = most_prominent(&faces) else {
-        return Err(ApiError::new(ErrorCode::NoFaceDetected, format!("no face detected in {what}")));
-    };
-    let first = faces.remove(best);
-    faces.sort_by(|a, b| b.area().total_cmp(&a.area()).then(b.det_score.total_cmp(&a.det_score)));
-    faces.insert(0, first);
-    Ok((faces, analysis.kind))
-}
-
 fn face_out(f: Face) -> FaceOut {
     FaceOut { bbox: f.bbox, landmarks: f.kps, det_score: f.detected_score(), embedding: f.embedding, found_by: f.found_by }
 }
@@ -219,9 +202,9 @@ fn face_out(f: Face) -> FaceOut {
 )]
 pub async fn encode(State(st): State<Arc<AppState>>, form: Form) -> Result<Json<EncodeResponse>, ApiError> {
     let parts = form_parts(form).await?;
-    let (faces, _) = faces_of(&st, required(&parts, "image")?, "the image").await?;
+    let (faces, _) = st.service.faces_of(required(&parts, "image")?.to_vec(), "the image").await?;
     let faces: Vec<FaceOut> = faces.into_iter().map(face_out).collect();
-    Ok(Json(EncodeResponse { embedding: faces[0].embedding.clone(), faces, model_id: st.engine.info().model_id.clone() }))
+    Ok(Json(EncodeResponse { embedding: faces[0].embedding.clone(), faces, model_id: st.service.model_id().to_owned() }))
 }
 
 /// Register a face.
@@ -250,36 +233,8 @@ pub async fn register(State(st): State<Arc<AppState>>, form: Form) -> Result<(St
     let display_name =
         text(&parts, "displayName")?.ok_or_else(|| ApiError::new(ErrorCode::InvalidRequest, "the form has no `displayName` field"))?;
     super::extract::validate_name("displayName", &display_name, &st.limits)?;
-    let image = required(&parts, "image")?;
-    if image.len() > MAX_STORED_IMAGE {
-        return Err(ApiError::new(ErrorCode::ImageTooLarge, format!("images kept by register are at most {} bytes", MAX_STORED_IMAGE)));
-    }
-    let (faces, kind) = faces_of(&st, image, "the image").await?;
-    let id = uuid::Uuid::new_v4().to_string();
-    let record = FaceRecord {
-        image_url: format!("/api/face/{id}/image"),
-        id,
-        display_name,
-        inserted_at: SystemTime::now(),
-        face_vec: faces[0].embedding.clone(),
-        model_id: st.engine.info().model_id.clone(),
-    };
-    let stored = StoredImage { bytes: image.to_vec(), content_type: content_type(kind).into() };
-    {
-        let _w = st.writes.lock().await;
-        st.faces.insert_face(&record, &stored).await?;
-        st.face_index.insert(&record);
-    }
+    let record = st.service.register(display_name, required(&parts, "image")?.to_vec()).await?;
     Ok((StatusCode::CREATED, Json(FaceView::from(&record))))
-}
-
-fn content_type(kind: ImageKind) -> &'static str {
-    match kind {
-        ImageKind::Jpeg => "image/jpeg",
-        ImageKind::Png => "image/png",
-        ImageKind::Webp => "image/webp",
-        ImageKind::Bmp => "image/bmp",
-    }
 }
 
 /// Search registered faces.
@@ -313,12 +268,9 @@ pub async fn search(State(st): State<Arc<AppState>>, form: Form) -> Result<(Head
     if !(0.0..=2.0).contains(&threshold) {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "`threshold` is a cosine distance between 0 and 2"));
     }
-    let image = required(&parts, "image")?;
-    let (faces, _) = faces_of(&st, image, "the query image").await?;
-    let started = Instant::now();
-    let hits = st.face_index.search(&faces[0].embedding, top_k as usize, threshold);
+    let found = st.service.search(required(&parts, "image")?.to_vec(), top_k as usize, threshold).await?;
     // x-queue-time and x-inference-time are written by the timing middleware.
-    Ok((super::timing::search_headers(started.elapsed()), Json(hits)))
+    Ok((super::timing::search_headers(found.search_time), Json(found.hits.into_iter().map(SearchHit::from).collect())))
 }
 
 /// A registered face.
@@ -335,12 +287,7 @@ pub async fn search(State(st): State<Arc<AppState>>, form: Form) -> Result<(Head
     security(("bearer" = []), ("api_key" = []))
 )]
 pub async fn get_face(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<FaceView>, ApiError> {
-    let record = st.faces.get_face(&id).await?.ok_or_else(|| face_not_found(&id))?;
-    Ok(Json(FaceView::from(&record)))
-}
-
-fn face_not_found(id: &str) -> ApiError {
-    ApiError::new(ErrorCode::FaceNotFound, format!("no face record '{id}'"))
+    Ok(Json(FaceView::from(&st.service.face(&id).await?)))
 }
 
 /// A registered face's image.
@@ -357,7 +304,7 @@ fn face_not_found(id: &str) -> ApiError {
     security(("bearer" = []), ("api_key" = []))
 )]
 pub async fn get_face_image(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let image = st.faces.get_face_image(&id).await?.ok_or_else(|| face_not_found(&id))?;
+    let image = st.service.face_image(&id).await?;
     let ct = HeaderValue::from_str(&image.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
     Ok(([(header::CONTENT_TYPE, ct), (header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"))], image.bytes).into_response())
 }
@@ -385,7 +332,7 @@ pub async fn list_faces(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "`limit` must be between 1 and 1000"));
     }
-    let (records, total) = st.faces.list_faces(limit, offset).await?;
+    let (records, total) = st.service.list_faces(limit, offset).await?;
     Ok(Json(FaceList { items: records.iter().map(FaceView::from).collect(), total, limit, offset }))
 }
 
@@ -404,13 +351,7 @@ pub async fn list_faces(
     security(("bearer" = []), ("api_key" = []))
 )]
 pub async fn delete_face(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<FaceDeleted>, ApiError> {
-    {
-        let _w = st.writes.lock().await;
-        if !st.faces.delete_face(&id).await? {
-            return Err(face_not_found(&id));
-        }
-        st.face_index.remove(&id);
-    }
+    st.service.delete_face(&id).await?;
     Ok(Json(FaceDeleted { status: "deleted".into(), id }))
 }
 
@@ -435,79 +376,17 @@ pub async fn delete_face(State(st): State<Arc<AppState>>, Path(id): Path<String>
 )]
 pub async fn verify(State(st): State<Arc<AppState>>, form: Form) -> Result<Json<VerifyResponse>, ApiError> {
     let parts = form_parts(form).await?;
-    let threshold: f32 = number(&parts, "threshold")?.unwrap_or(st.sim_threshold);
+    let threshold: f32 = number(&parts, "threshold")?.unwrap_or(st.service.options().sim_threshold);
     if !(-1.0..=1.0).contains(&threshold) {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "`threshold` is a cosine similarity between -1 and 1"));
     }
     let (a, b) = (required(&parts, "image1")?, required(&parts, "image2")?);
-    let (fa, fb) = tokio::join!(faces_of(&st, a, "image1"), faces_of(&st, b, "image2"));
-    let (fa, fb) = (fa?.0, fb?.0);
-    let similarity = cosine(&fa[0].embedding, &fb[0].embedding);
+    let similarity = st.service.verify(a.to_vec(), b.to_vec()).await?;
     Ok(Json(VerifyResponse { similarity, distance: 1.0 - similarity, threshold, same_person: similarity >= threshold }))
 }
 
-/// Face records in memory for search: the vectors in a gallery keyed by id, the display
-/// names beside them.
-#[derive(Debug)]
-pub struct FaceIndex {
-    vectors: crate::gallery::Gallery,
-    names: std::sync::RwLock<HashMap<String, String>>,
-}
-
-impl FaceIndex {
-    pub fn new(dim: usize) -> FaceIndex {
-        FaceIndex { vectors: crate::gallery::Gallery::new(dim), names: std::sync::RwLock::new(HashMap::new()) }
-    }
-
-    /// The same index with these gallery search settings.
-    pub fn with_search(mut self, options: crate::gallery::SearchOptions) -> FaceIndex {
-        self.vectors = self.vectors.with_search(options);
-        self
-    }
-
-    /// Many records at once (the load at start): one gallery publish, not one per record.
-    pub fn extend(&self, records: &[FaceRecord]) {
-        self.vectors.extend(records.iter().map(|r| (r.id.clone(), r.face_vec.clone())));
-        if let Ok(mut n) = self.names.write() {
-            n.extend(records.iter().filter(|r| self.vectors.dim() == r.face_vec.len()).map(|r| (r.id.clone(), r.display_name.clone())));
-        }
-    }
-
-    pub fn insert(&self, r: &FaceRecord) {
-        if self.vectors.upsert(&r.id, &r.face_vec)
-            && let Ok(mut n) = self.names.write()
-        {
-            n.insert(r.id.clone(), r.display_name.clone());
-        }
-    }
-
-    pub fn remove(&self, id: &str) {
-        self.vectors.remove(id);
-        if let Ok(mut n) = self.names.write() {
-            n.remove(id);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.vectors.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.vectors.is_empty()
-    }
-
-    /// Records within cosine distance `threshold` of `query`, closest first, at most `k`.
-    pub fn search(&self, query: &[f32], k: usize, threshold: f32) -> Vec<SearchHit> {
-        let hits = self.vectors.top_k(query, k);
-        let names = self.names.read().unwrap_or_else(|p| p.into_inner());
-        hits.into_iter()
-            .filter(|m| 1.0 - m.score < threshold)
-            .map(|m| SearchHit {
-                image_url: format!("/api/face/{}/image", m.name),
-                display_name: names.get(&m.name).cloned().unwrap_or_default(),
-                id: m.name,
-                score: m.score,
-            })
-            .collect()
+impl From<RecordMatch> for SearchHit {
+    fn from(m: RecordMatch) -> Self {
+        SearchHit { image_url: format!("/api/face/{}/image", m.id), id: m.id, display_name: m.display_name, score: m.score }
     }
 }

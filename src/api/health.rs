@@ -42,19 +42,21 @@ pub struct Health {
 /// Service health.
 #[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, description = "Models loaded, serving", body = Health)))]
 pub async fn health(State(st): State<Arc<AppState>>) -> Json<Health> {
-    let info = st.engine.info();
+    let svc = &st.service;
+    let info = svc.engine().info();
+    let start = svc.start_counts();
     Json(Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         execution_provider: info.provider,
         inference_backend: info.backend,
         backend_reason: info.backend_reason.clone(),
-        model_pack: st.model_pack.clone(),
+        model_pack: svc.options().model_pack.clone(),
         model_id: info.model_id.clone(),
-        users: st.gallery.len(),
-        face_records: st.face_index.len(),
-        store: st.store_kind,
-        skipped_other_model: st.skipped_other_model,
-        skipped_malformed: st.skipped_malformed,
+        users: svc.gallery().len(),
+        face_records: svc.face_index().len(),
+        store: svc.store_kind(),
+        skipped_other_model: start.users_other_model,
+        skipped_malformed: start.users_malformed,
     })
 }

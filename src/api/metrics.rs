@@ -22,19 +22,20 @@ use crate::metrics::{self, Exposition, HistogramSnapshot};
 pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let mut out = Exposition::new();
     metrics::global().render(&mut out);
-    let info = st.engine.info();
+    let svc = &st.service;
+    let info = svc.engine().info();
     out.header(
         "facerec_build_info",
         "Version, model pack, recognizer, inference backend, execution provider and store of this process (value 1).",
         "gauge",
     );
     let (version, provider, backend, store) =
-        (env!("CARGO_PKG_VERSION"), info.provider.to_string(), info.backend.to_string(), format!("{:?}", st.store_kind).to_lowercase());
+        (env!("CARGO_PKG_VERSION"), info.provider.to_string(), info.backend.to_string(), format!("{:?}", svc.store_kind()).to_lowercase());
     out.sample(
         "facerec_build_info",
         &[
             ("version", version),
-            ("model_pack", &st.model_pack),
+            ("model_pack", &svc.options().model_pack),
             ("model_id", &info.model_id),
             ("inference_backend", &backend),
             ("execution_provider", &provider),
@@ -42,14 +43,14 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         ],
         1.0,
     );
-    out.gauge("facerec_gallery_users", "Users with a template, compared by /recognize.", st.gallery.len() as f64);
-    out.gauge("facerec_face_records", "Face records of the second API, searched by /api/face/search.", st.face_index.len() as f64);
+    out.gauge("facerec_gallery_users", "Users with a template, compared by /recognize.", svc.gallery().len() as f64);
+    out.gauge("facerec_face_records", "Face records of the second API, searched by /api/face/search.", svc.face_index().len() as f64);
     out.counter(
         "facerec_audit_write_failures_total",
         "Audit records (logs.txt line and crops) that could not be written; recognition was still answered.",
-        st.audit.failures(),
+        svc.audit().failures(),
     );
-    render_engine(&mut out, &st.engine.stats());
+    render_engine(&mut out, &svc.engine().stats());
     let mut resp = out.finish().into_response();
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
     resp

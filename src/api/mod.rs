@@ -1,6 +1,7 @@
-//! The HTTP layer: parse, validate, call into the engine, gallery, store and audit; no
-//! maths and no I/O of its own. [`app`] builds the router (tests call it without a socket);
-//! one file per resource: `recognize` (the original contract), `users`, `health`.
+//! The HTTP layer: parse, validate, authorise, call one use case of the [`Service`], map the
+//! answer to HTTP; no policy, maths or I/O of its own. [`app`] builds the router (tests call it
+//! without a socket); one file per resource: `recognize` (the original contract), `users`,
+//! `faces` (the second API), `health`, `ready`, `metrics`.
 
 pub mod auth;
 mod docs;
@@ -25,42 +26,29 @@ use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::audit::AuditHandle;
-use crate::engine::Engine;
-use crate::gallery::Gallery;
-use crate::store::faces::FaceRecordStore;
-use crate::store::{FaceStore, StoreKind};
-pub use error::{ApiError, ErrorCode};
+pub use crate::error::{ApiError, ErrorCode};
+pub use crate::service::LegacyStatus;
+use crate::service::Service;
 pub use extract::{RequestLimits, looks_like_unknown};
-pub use recognize::LegacyStatus;
 
-/// Everything a handler may use. Shared behind an `Arc`.
+/// Everything a handler may use: the service, and what only HTTP needs (authentication, the
+/// request limits, how the original contract frames its answers, the last recognition for
+/// `/metadata`). Shared behind an `Arc`.
 pub struct AppState {
-    pub engine: Engine,
-    pub gallery: Arc<Gallery>,
-    pub store: Arc<dyn FaceStore>,
-    /// Face records of the second API (`/api/face/*`).
-    pub faces: Arc<dyn FaceRecordStore>,
-    /// Their vectors in memory, for search.
-    pub face_index: Arc<faces::FaceIndex>,
-    pub audit: AuditHandle,
+    pub service: Arc<Service>,
     pub auth: Arc<auth::AuthConfig>,
-    /// The last /recognize answer's `meta` (`{}` before the first).
-    pub metadata: std::sync::RwLock<serde_json::Value>,
-    pub sim_threshold: f32,
-    pub model_pack: String,
-    pub store_kind: StoreKind,
-    /// Users at start whose templates came from another recognizer (kept, not compared).
-    pub skipped_other_model: usize,
-    /// Rows at start with malformed embeddings (skipped).
-    pub skipped_malformed: usize,
-    /// Serialises "write the store, then the gallery" so the gallery applies writes in the
-    /// store's order.
-    pub writes: tokio::sync::Mutex<()>,
     /// What one request may ask for: crops per /recognize, files per enrolment, name lengths.
     pub limits: RequestLimits,
     /// How the original contract answers its errors (LEGACY_STATUS).
     pub legacy_status: LegacyStatus,
+    /// The last /recognize answer's `meta` (`{}` before the first).
+    pub metadata: std::sync::RwLock<serde_json::Value>,
+}
+
+impl AppState {
+    pub fn new(service: Arc<Service>, auth: Arc<auth::AuthConfig>, limits: RequestLimits, legacy_status: LegacyStatus) -> AppState {
+        AppState { service, auth, limits, legacy_status, metadata: std::sync::RwLock::new(serde_json::json!({})) }
+    }
 }
 
 #[derive(OpenApi)]

@@ -77,7 +77,7 @@ pub struct Checks {
     )
 )]
 pub async fn ready(State(st): State<Arc<AppState>>) -> Response {
-    let stats = st.engine.stats();
+    let stats = st.service.engine().stats();
     let models = if stats.live_workers > 0 { Ok(()) } else { Err(("no inference worker is running", "all workers stopped".to_owned())) };
     let (store, inference) = tokio::join!(check_store(&st), check_inference(&st));
     let mut failed = Vec::new();
@@ -117,7 +117,7 @@ pub async fn ready(State(st): State<Arc<AppState>>) -> Response {
 
 /// The store's ping, bounded. Err: (what the client sees, what the log gets).
 async fn check_store(st: &AppState) -> Result<(), (&'static str, String)> {
-    match tokio::time::timeout(STORE_TIMEOUT, st.store.ping()).await {
+    match tokio::time::timeout(STORE_TIMEOUT, st.service.ping_store()).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(("the store is unreachable", e.to_string())),
         Err(_) => Err(("the store did not answer in time", format!("no answer within {STORE_TIMEOUT:?}"))),
@@ -129,7 +129,7 @@ async fn check_inference(st: &AppState) -> Result<(), (&'static str, String)> {
     PROOF
         .get_or_try_init(|| async {
             let started = Instant::now();
-            let analysis = match tokio::time::timeout(INFERENCE_TIMEOUT, st.engine.analyze(READY_FACE.to_vec())).await {
+            let analysis = match tokio::time::timeout(INFERENCE_TIMEOUT, st.service.engine().analyze(READY_FACE.to_vec())).await {
                 Ok(Ok(a)) => a,
                 Ok(Err(EngineError::Overloaded)) => return Err(("the inference queue is full", "overloaded".to_owned())),
                 Ok(Err(e)) => return Err(("inference failed", e.to_string())),
@@ -138,12 +138,12 @@ async fn check_inference(st: &AppState) -> Result<(), (&'static str, String)> {
             if analysis.faces.is_empty() {
                 return Err((
                     "no face found in the built-in photo",
-                    format!("the {} execution provider found no face in the built-in face photo", st.engine.info().provider),
+                    format!("the {} execution provider found no face in the built-in face photo", st.service.engine().info().provider),
                 ));
             }
             tracing::info!(
                 faces = analysis.faces.len(),
-                provider = %st.engine.info().provider,
+                provider = %st.service.engine().info().provider,
                 ms = started.elapsed().as_secs_f64() * 1000.0,
                 "readiness: inference on the built-in face photo passed"
             );

@@ -18,36 +18,19 @@ use utoipa::ToSchema;
 use super::AppState;
 use super::error::{ApiError, EntryError, ErrorBody, ErrorCode};
 use super::extract::{Form, JsonBody, validate_username};
-use crate::audit::{AuditRecord, Crop};
-use crate::face::image::{ImageKind, sniff};
-use crate::face::most_confident;
-
-/// How the original contract's endpoints answer what the original answered with HTTP 200
-/// (LEGACY_STATUS).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum LegacyStatus {
-    /// As the original service (FastAPI returning its dicts): `User '<u>' not found.` and `No faces
-    /// detected in any image.` with HTTP 200; an unreadable file of an enrolment skipped (named in
-    /// `skipped`); a `/recognize` body without `bboxes` answered with `bboxes: []`.
-    #[default]
-    Original,
-    /// Proper statuses: 404 for an unknown user, 422 when no file has a face, 400 for an
-    /// unreadable file or a `/recognize` body without `bboxes`. Same bodies.
-    Http,
-}
+pub use crate::service::{LegacyStatus, SkippedFile};
 
 /// One of the original's two errors (`{"status": "error", "message": ...}`, no `code`): with HTTP
 /// 200 under [`LegacyStatus::Original`], with its proper status under [`LegacyStatus::Http`]. The
-/// code still reaches the metrics (errors by code) either way.
-fn legacy_error(mode: LegacyStatus, code: ErrorCode, message: String) -> Result<Response, ApiError> {
-    let error = ApiError::legacy(code, message);
+/// code still reaches the metrics (errors by code) either way. Any other error passes as it is.
+fn legacy_answer(mode: LegacyStatus, error: ApiError) -> Result<Response, ApiError> {
     match mode {
-        LegacyStatus::Http => Err(error),
-        LegacyStatus::Original => {
+        LegacyStatus::Original if error.legacy => {
             let mut resp = error.into_response();
             *resp.status_mut() = StatusCode::OK;
             Ok(resp)
         }
+        _ => Err(error),
     }
 }
 
@@ -113,14 +96,6 @@ pub struct RecognizeResponse {
     meta: RecognizeMeta,
 }
 
-/// What one crop gave.
-struct Outcome {
-    /// Decoded crop bytes and their format, for the photo folder.
-    crop: Option<(Vec<u8>, ImageKind)>,
-    /// Best match (name, score) or none; or why the entry failed.
-    result: Result<Option<(String, f32)>, ApiError>,
-}
-
 /// Recognise face crops.
 ///
 /// Each entry's crop is decoded, its faces found (crops cut tightly around a face included) and
@@ -149,72 +124,20 @@ pub async fn recognize(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody
         .get_mut("bboxes")
         .and_then(Value::as_array_mut)
         .ok_or_else(|| ApiError::internal("a parsed /recognize body lost its `bboxes`"))?;
-
-    // The crops go to the engine a window at a time, so that a crowd frame (up to MAX_CROPS
-    // entries, more than the queue holds) is answered instead of refused, and leaves room in the
-    // queue for other requests; the workers take them as they can.
-    let window = Arc::new(tokio::sync::Semaphore::new(crops_in_flight(st.engine.stats().queue_capacity)));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, crop) in crops.into_iter().enumerate() {
-        let st = Arc::clone(&st);
-        let window = Arc::clone(&window);
-        tasks.spawn(super::observe::carry(crate::engine::timing::carry(async move {
-            let _slot = window.acquire_owned().await;
-            (i, recognize_crop(&st, crop).await)
-        })));
-    }
-    let mut outcomes: Vec<Option<Outcome>> = (0..entries.len()).map(|_| None).collect();
-    while let Some(joined) = tasks.join_next().await {
-        let (i, outcome) = joined.map_err(ApiError::internal)?;
-        // An overloaded engine fails the request as a whole (the client should retry it): the
-        // crops not yet computed are withdrawn.
-        if let Err(e) = &outcome.result
-            && e.code == ErrorCode::Overloaded
-        {
-            tasks.abort_all();
-            return Err(e.clone());
-        }
-        outcomes[i] = Some(outcome);
-    }
-
-    let mut unknown = 0;
-    let mut crops = Vec::new();
-    for (entry, outcome) in entries.iter_mut().zip(outcomes) {
-        let Some(outcome) = outcome else { return Err(ApiError::internal("a crop task vanished")) };
+    let verdicts = st.service.recognize_crops(crops).await?;
+    for (entry, verdict) in entries.iter_mut().zip(&verdicts) {
         let fields: &mut Map<String, Value> = entry.as_object_mut().ok_or_else(|| ApiError::internal("entry is not an object"))?;
-        let (name, similarity) = match &outcome.result {
-            Ok(Some((user, score))) if *score >= st.sim_threshold => (user.clone(), *score),
-            Ok(best) => {
-                unknown += 1;
-                (format!("Unknown {unknown}"), best.as_ref().map_or(0.0, |b| b.1))
-            }
-            Err(e) => {
-                unknown += 1;
-                fields.insert("error".into(), json!(e.entry()));
-                (format!("Unknown {unknown}"), 0.0)
-            }
-        };
-        fields.insert("name".into(), json!(name));
-        fields.insert("similarity".into(), json!(round6(similarity)));
-        if let Some((bytes, kind)) = outcome.crop {
-            crops.push(Crop { name, bytes, ext: kind.extension() });
+        if let Some(e) = &verdict.error {
+            fields.insert("error".into(), json!(e.entry()));
         }
+        fields.insert("name".into(), json!(verdict.name));
+        fields.insert("similarity".into(), json!(round6(verdict.similarity)));
     }
-
-    // A disk fault in the audit trail does not fail the recognition: the writer warns and counts it.
-    if let Err(e) = st.audit.record(AuditRecord { line: request.clone(), crops }).await {
-        tracing::debug!(error = %e, "recognition answered without its full audit record");
-    }
+    st.service.record_recognition(request.clone(), verdicts).await;
     if let Ok(mut m) = st.metadata.write() {
         *m = request.clone();
     }
     Ok(Json(json!({"status": "recognized", "meta": request})))
-}
-
-/// Crops of one request in the engine's queue at once: half the queue, at most 64 (four batches
-/// of the default BATCH_SIZE, enough to keep every worker's batches full).
-fn crops_in_flight(queue_capacity: usize) -> usize {
-    (queue_capacity / 2).clamp(1, 64)
 }
 
 /// Similarity as the JSON number clients see (six decimals, like the float32 it is).
@@ -284,21 +207,6 @@ pub fn parse_recognize_as(body: &[u8], max_crops: usize, mode: LegacyStatus) -> 
     Ok(ParsedRecognize { request, crops })
 }
 
-/// Analyses and matches one entry's crop (or passes on why it has none).
-async fn recognize_crop(st: &AppState, crop: Result<Vec<u8>, ApiError>) -> Outcome {
-    let bytes = match crop {
-        Ok(b) => b,
-        Err(e) => return Outcome { crop: None, result: Err(e) },
-    };
-    let kind = sniff(&bytes);
-    let analysis = st.engine.analyze(bytes.clone()).await;
-    let crop = kind.map(|k| (bytes, k));
-    let result = analysis
-        .map_err(ApiError::from)
-        .map(|a| most_confident(&a.faces).and_then(|i| st.gallery.best(&a.faces[i].embedding)).map(|m| (m.name, m.score)));
-    Outcome { crop, result }
-}
-
 /// Standard base64, padding optional, white space and a `data:...;base64,` prefix ignored.
 pub fn decode_base64(s: &str) -> Result<Vec<u8>, ApiError> {
     let s = match s.split_once(";base64,") {
@@ -361,17 +269,6 @@ pub struct EnrolResponse {
     pub skipped: Vec<SkippedFile>,
 }
 
-/// A file of an enrolment that did not count.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-#[schema(example = json!({"file": "notes.txt", "code": "invalid_image", "message": "invalid image: not a supported image: expected JPEG, PNG, WebP or BMP"}))]
-pub struct SkippedFile {
-    /// The file name the form gave (`file <n>` when it gave none).
-    pub file: String,
-    /// `invalid_image`, `image_too_large` or `no_face_detected`.
-    pub code: ErrorCode,
-    pub message: String,
-}
-
 /// Enrol photos of a user.
 ///
 /// Embeds the face of each file the detector is surest of (insightface's first, as the original
@@ -420,7 +317,7 @@ pub async fn calculate_average_embedding(State(st): State<Arc<AppState>>, form: 
                         format!("more than {} files in one enrolment (MAX_FILES); send them in several", st.limits.max_files),
                     ));
                 }
-                files.push((part.file_name.unwrap_or_else(|| format!("file {}", files.len() + 1)), part.bytes))
+                files.push((part.file_name.unwrap_or_else(|| format!("file {}", files.len() + 1)), part.bytes.to_vec()))
             }
             _ => {}
         }
@@ -430,86 +327,17 @@ pub async fn calculate_average_embedding(State(st): State<Arc<AppState>>, form: 
     if files.is_empty() {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "the form has no `files`"));
     }
-    let mode = st.legacy_status;
-    let not_found = || ApiError::legacy(ErrorCode::UserNotFound, format!("User '{username}' not found."));
-    // Proper statuses tell an unknown user before any inference. The original embedded the
-    // files first and looked the user up after (so an unknown user with no face got "No faces
-    // detected"): LEGACY_STATUS=original keeps that order.
-    if mode == LegacyStatus::Http && st.store.get_user(&username).await?.is_none() {
-        return Err(not_found());
+    match st.service.enrol(&username, files, st.legacy_status).await {
+        Ok(done) => Ok(Json(EnrolResponse {
+            status: "success".into(),
+            username: done.record.username,
+            embedding: done.record.embedding,
+            images: done.images,
+            skipped: done.skipped,
+        })
+        .into_response()),
+        Err(e) => legacy_answer(st.legacy_status, e),
     }
-
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, (name, bytes)) in files.into_iter().enumerate() {
-        let engine = st.engine.clone();
-        tasks.spawn(super::observe::carry(crate::engine::timing::carry(async move { (i, name, engine.analyze(bytes.to_vec()).await) })));
-    }
-    let mut found: Vec<(usize, Vec<f32>)> = Vec::new();
-    let mut skipped: Vec<(usize, SkippedFile)> = Vec::new();
-    let mut first_error: Option<(usize, ApiError)> = None;
-    while let Some(joined) = tasks.join_next().await {
-        let (i, name, analysis) = joined.map_err(ApiError::internal)?;
-        match analysis {
-            Ok(a) => match most_confident(&a.faces) {
-                Some(f) => found.push((i, a.faces[f].embedding.clone())),
-                None => skipped.push((
-                    i,
-                    SkippedFile { file: name, code: ErrorCode::NoFaceDetected, message: "no face detected in this image".into() },
-                )),
-            },
-            Err(e) => {
-                let mut e = ApiError::from(e);
-                let unreadable = matches!(e.code, ErrorCode::InvalidImage | ErrorCode::ImageTooLarge);
-                if unreadable && mode == LegacyStatus::Original {
-                    skipped.push((i, SkippedFile { file: name, code: e.code, message: e.message }));
-                    continue;
-                }
-                if e.code != ErrorCode::Overloaded && e.code != ErrorCode::Internal {
-                    e.message = format!("{name}: {}", e.message);
-                }
-                if first_error.as_ref().is_none_or(|(j, _)| i < *j) {
-                    first_error = Some((i, e));
-                }
-            }
-        }
-    }
-    if let Some((_, e)) = first_error {
-        return Err(e);
-    }
-    if found.is_empty() {
-        return legacy_error(mode, ErrorCode::NoFaceDetected, "No faces detected in any image.".into());
-    }
-    if mode == LegacyStatus::Original && st.store.get_user(&username).await?.is_none() {
-        return legacy_error(mode, ErrorCode::UserNotFound, not_found().message);
-    }
-    found.sort_by_key(|(i, _)| *i);
-    skipped.sort_by_key(|(i, _)| *i);
-    let embeddings: Vec<Vec<f32>> = found.into_iter().map(|(_, e)| e).collect();
-
-    let enrolled = {
-        let _w = st.writes.lock().await;
-        match st.store.enroll(&username, &embeddings, &st.engine.info().model_id).await {
-            Ok(record) => {
-                st.gallery.upsert(&record.username, &record.embedding);
-                Ok(record)
-            }
-            Err(e) => Err(e),
-        }
-    };
-    let record = match enrolled {
-        Ok(record) => record,
-        // Deleted meanwhile.
-        Err(crate::store::StoreError::UserNotFound(_)) => return legacy_error(mode, ErrorCode::UserNotFound, not_found().message),
-        Err(other) => return Err(other.into()),
-    };
-    Ok(Json(EnrolResponse {
-        status: "success".into(),
-        username: record.username,
-        embedding: record.embedding,
-        images: embeddings.len(),
-        skipped: skipped.into_iter().map(|(_, s)| s).collect(),
-    })
-    .into_response())
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Users: create, list (no vectors), delete. A write reaches the store first, the gallery after.
+//! Users: create, list (no vectors), delete (the use cases are the service's).
 
 use std::sync::Arc;
 
@@ -54,10 +54,7 @@ pub struct Deleted {
 pub async fn create_user(State(st): State<Arc<AppState>>, JsonBody(body): JsonBody) -> Result<(StatusCode, Json<UserSummary>), ApiError> {
     let req: CreateUser = parse_json(&body)?;
     validate_new_username(&req.username, &st.limits)?;
-    let record = {
-        let _w = st.writes.lock().await;
-        st.store.create_user(&req.username).await?
-    };
+    let record = st.service.create_user(&req.username).await?;
     let summary = UserSummary {
         username: record.username,
         samples: record.samples,
@@ -78,7 +75,7 @@ pub async fn create_user(State(st): State<Arc<AppState>>, JsonBody(body): JsonBo
     )
 )]
 pub async fn list_users(State(st): State<Arc<AppState>>) -> Result<Json<UserList>, ApiError> {
-    let users = st.store.list_users().await?;
+    let users = st.service.list_users().await?;
     Ok(Json(UserList { count: users.len(), users }))
 }
 
@@ -95,10 +92,6 @@ pub async fn list_users(State(st): State<Arc<AppState>>) -> Result<Json<UserList
     )
 )]
 pub async fn delete_user(State(st): State<Arc<AppState>>, Path(username): Path<String>) -> Result<Json<Deleted>, ApiError> {
-    {
-        let _w = st.writes.lock().await;
-        st.store.delete_user(&username).await?;
-        st.gallery.remove(&username);
-    }
+    st.service.delete_user(&username).await?;
     Ok(Json(Deleted { status: "deleted".into(), username }))
 }

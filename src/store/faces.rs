@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use super::{StoreError, rfc3339};
+use super::{ChangeFeed, StoreError, rfc3339};
 
 /// A registered face.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +63,15 @@ pub struct LoadedFaces {
     pub malformed: usize,
 }
 
+/// A face record's state as another process (or this one) left it in the store, for the index.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FaceChange {
+    /// The record as stored now (records are written once, never updated).
+    Upsert(FaceRecord),
+    /// The record is gone.
+    Remove(String),
+}
+
 /// Durable storage of face records and their images.
 #[async_trait::async_trait]
 pub trait FaceRecordStore: Send + Sync + 'static {
@@ -82,4 +91,13 @@ pub trait FaceRecordStore: Send + Sync + 'static {
 
     /// Removes a record and its image; false if there was none.
     async fn delete_face(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Other writers' records, for a store that several processes share; `None` (the default)
+    /// for a store only this process writes (SQLite). `known` is every record id the index
+    /// holds (what [`FaceRecordStore::load_faces`] gave): the feed starts by comparing the
+    /// store with it, so nothing written since the load is missed.
+    async fn follow_faces(&self, known: std::collections::HashSet<String>) -> Result<Option<Box<dyn ChangeFeed<FaceChange>>>, StoreError> {
+        let _ = known;
+        Ok(None)
+    }
 }

@@ -4,7 +4,6 @@
 //! every write after the store has accepted it.
 
 pub mod faces;
-pub mod follow;
 pub mod mongo;
 pub mod sqlite;
 mod sqlite_faces;
@@ -115,21 +114,22 @@ pub enum Change {
 }
 
 /// Writes made to a shared store by anyone (other replicas, the dashboard, this process),
-/// for the follower ([`follow::run`]) to bring into the gallery.
+/// for the follower (`service::follow`) to bring into an in-memory index: users' [`Change`]s
+/// into the gallery, face records' [`faces::FaceChange`]s into their index.
 ///
 /// Split in two so that the follower can read the current state under the write lock:
 /// [`ChangeFeed::wait`] only learns *which* users changed (no lock held); [`ChangeFeed::changes`]
 /// then reads their current documents while local writes wait, so a late echo of an older
 /// write can never overwrite a newer local one.
 #[async_trait::async_trait]
-pub trait ChangeFeed: Send {
+pub trait ChangeFeed<C = Change>: Send {
     /// Waits until some users may have changed. Outages are ridden out inside (reconnecting
     /// with a backoff); it returns only when there is something to read.
     async fn wait(&mut self);
 
     /// The current state of every user that changed since the last successful call, read now.
     /// On an error nothing is lost: the same users are read again on the next call.
-    async fn changes(&mut self) -> Result<Vec<Change>, StoreError>;
+    async fn changes(&mut self) -> Result<Vec<C>, StoreError>;
 
     /// How it follows: "change stream", "poll".
     fn describe(&self) -> String;
@@ -189,9 +189,24 @@ pub trait FaceStore: Send + Sync + 'static {
 
 pub use crate::civil::rfc3339;
 
+/// How long a feed or follower waits after `failures` failures in a row: 250 ms, doubling, at
+/// most 5 s.
+pub fn backoff(failures: u32) -> std::time::Duration {
+    use std::time::Duration;
+    Duration::from_millis(250u64.saturating_mul(1 << failures.saturating_sub(1).min(5))).min(Duration::from_secs(5))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        use std::time::Duration;
+        assert_eq!(backoff(1), Duration::from_millis(250));
+        assert_eq!(backoff(2), Duration::from_millis(500));
+        assert_eq!(backoff(40), Duration::from_secs(5));
+    }
 
     #[test]
     fn weighted_mean_counts_every_image() {

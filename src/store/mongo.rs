@@ -41,13 +41,13 @@ use mongodb::error::{Error as MongoError, ErrorKind, WriteFailure};
 use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
 use mongodb::{Client, Collection, IndexModel};
 
-use super::{
-    Change, ChangeFeed, EMBEDDING_DIM, FaceStore, LoadedUsers, StoreError, StoreKind, UserRecord, UserSummary, follow::backoff, rfc3339,
-};
+use super::{Change, ChangeFeed, EMBEDDING_DIM, FaceStore, LoadedUsers, StoreError, StoreKind, UserRecord, UserSummary, backoff, rfc3339};
 
 /// The second API's face records (`faces`, `face_images`).
 #[path = "mongo_faces.rs"]
 mod mongo_faces;
+#[path = "mongo_faces_feed.rs"]
+mod mongo_faces_feed;
 
 /// Database used when the URI names none.
 pub const DEFAULT_DATABASE: &str = "facerec";

@@ -29,7 +29,8 @@ use mongodb::error::Error as MongoError;
 use mongodb::options::IndexOptions;
 use mongodb::{Collection, IndexModel};
 
-use super::super::faces::{FaceRecord, FaceRecordStore, LoadedFaces, StoredImage};
+use super::super::ChangeFeed;
+use super::super::faces::{FaceChange, FaceRecord, FaceRecordStore, LoadedFaces, StoredImage};
 use super::{EMBEDDING_DIM, MODEL_FIELD, MongoStore, StoreError, fmt_duration, is_duplicate_key, numbers_of, store_err, str_of};
 
 /// Face records, as the other API names them.
@@ -38,7 +39,7 @@ pub const FACES_COLLECTION: &str = "faces";
 pub const FACE_IMAGES_COLLECTION: &str = "face_images";
 
 /// What `faces` documents give back (never `_id`).
-fn record_projection() -> mongodb::bson::Document {
+pub(super) fn record_projection() -> mongodb::bson::Document {
     doc! {"_id": 0, "id": 1, "display_name": 1, "image_url": 1, "face_vec": 1, MODEL_FIELD: 1, "inserted_at": 1}
 }
 
@@ -52,7 +53,7 @@ enum Written {
 }
 
 impl MongoStore {
-    fn faces(&self) -> Collection<RawDocumentBuf> {
+    pub(super) fn faces(&self) -> Collection<RawDocumentBuf> {
         self.coll.client().database(&self.database).collection(FACES_COLLECTION)
     }
 
@@ -157,7 +158,7 @@ fn face_vec_of(raw: &RawDocument) -> Result<Vec<f32>, String> {
 
 /// A `faces` document as a record: `Ok(None)` without a string `id`; `Err` (with the id) when
 /// its vector cannot be used.
-fn record_of(raw: &RawDocument) -> Option<(FaceRecord, Result<(), String>)> {
+pub(super) fn record_of(raw: &RawDocument) -> Option<(FaceRecord, Result<(), String>)> {
     let id = str_of(raw, "id")?.to_owned();
     let inserted_at = match raw.get("inserted_at") {
         Ok(Some(RawBsonRef::DateTime(d))) => d.to_system_time(),
@@ -189,7 +190,7 @@ fn shown_record(raw: &RawDocument) -> Option<FaceRecord> {
 }
 
 /// Documents that are records: those with a string `id` (others cannot be addressed).
-fn with_id() -> mongodb::bson::Document {
+pub(super) fn with_id() -> mongodb::bson::Document {
     doc! {"id": {"$type": "string"}}
 }
 
@@ -299,6 +300,12 @@ impl FaceRecordStore for MongoStore {
         };
         let (docs, total) = self.bounded("listing face records", page).await?;
         Ok((docs.iter().filter_map(|raw| shown_record(raw)).collect(), usize_of(total)))
+    }
+
+    async fn follow_faces(&self, known: std::collections::HashSet<String>) -> Result<Option<Box<dyn ChangeFeed<FaceChange>>>, StoreError> {
+        let feed = self.faces_feed(known);
+        tracing::info!("mongo store: following other replicas' face records");
+        Ok(Some(Box::new(feed)))
     }
 
     async fn delete_face(&self, id: &str) -> Result<bool, StoreError> {

@@ -456,6 +456,43 @@ impl Facerec {
         self.call("POST", "/calculate_average_embedding", Some(&format!("multipart/form-data; boundary={boundary}")), &body)
     }
 
+    /// A multipart body of text fields and fixture photos (`(field, file name)`).
+    fn form(texts: &[(&str, &str)], photos: &[(&str, &str)]) -> (String, Vec<u8>) {
+        let boundary = "facerec-mongo-test-boundary";
+        let mut body = Vec::new();
+        for (name, value) in texts {
+            body.extend_from_slice(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes(),
+            );
+        }
+        for (field, file) in photos {
+            body.extend_from_slice(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{file}\"\r\nContent-Type: image/jpeg\r\n\r\n")
+                    .as_bytes(),
+            );
+            body.extend_from_slice(&fixture(file));
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        (format!("multipart/form-data; boundary={boundary}"), body)
+    }
+
+    /// `POST /api/face/register` of a fixture photo: the new record's id.
+    pub fn register(&self, display_name: &str, photo: &str) -> String {
+        let (ct, body) = Facerec::form(&[("displayName", display_name)], &[("image", photo)]);
+        let r = self.call("POST", "/api/face/register", Some(&ct), &body);
+        assert_eq!(r.status, 201, "register: {}", r.text());
+        r.json()["id"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// `POST /api/face/search` with a fixture photo: the hits' ids, closest first.
+    pub fn search(&self, photo: &str) -> Vec<String> {
+        let (ct, body) = Facerec::form(&[("topK", "10")], &[("image", photo)]);
+        let r = self.call("POST", "/api/face/search", Some(&ct), &body);
+        assert_eq!(r.status, 200, "search: {}", r.text());
+        r.json().as_array().map(|hits| hits.iter().filter_map(|h| h["id"].as_str().map(str::to_owned)).collect()).unwrap_or_default()
+    }
+
     /// `POST /recognize` of one photo: (name, similarity).
     pub fn recognize(&self, photo: &str) -> (String, f64) {
         use base64::Engine as _;

@@ -24,6 +24,9 @@
 //!   scored exactly in f32: returned scores are exact cosines, only recall can suffer (a true
 //!   best row whose signature falls outside the `R` best is missed).
 
+mod records;
+pub use records::{FaceIndex, RecordMatch};
+
 use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};

@@ -1,0 +1,114 @@
+//! The second API's use cases: single images in, vectors and matches out. Face records live in
+//! the store (record and image together) and, for search, in the face index.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use super::Service;
+use crate::error::{ApiError, ErrorCode};
+use crate::face::image::ImageKind;
+use crate::face::{Face, cosine, most_prominent};
+use crate::gallery::RecordMatch;
+use crate::store::faces::{FaceRecord, StoredImage};
+
+/// Largest image kept by register (MongoDB documents stop at 16 MiB).
+pub const MAX_STORED_IMAGE: usize = 15 << 20;
+
+/// What a search found, and how long the index took.
+#[derive(Debug)]
+pub struct Found {
+    pub hits: Vec<RecordMatch>,
+    pub search_time: Duration,
+}
+
+impl Service {
+    /// Every face of `image`, most prominent first (then by area and score); `no_face_detected`
+    /// (naming `what`) when there is none.
+    pub async fn faces_of(&self, image: Vec<u8>, what: &str) -> Result<(Vec<Face>, ImageKind), ApiError> {
+        let analysis = self.engine.analyze(image).await?;
+        let mut faces = analysis.faces;
+        let Some(best) = most_prominent(&faces) else {
+            return Err(ApiError::new(ErrorCode::NoFaceDetected, format!("no face detected in {what}")));
+        };
+        let first = faces.remove(best);
+        faces.sort_by(|a, b| b.area().total_cmp(&a.area()).then(b.det_score.total_cmp(&a.det_score)));
+        faces.insert(0, first);
+        Ok((faces, analysis.kind))
+    }
+
+    /// Registers the image's most prominent face under `display_name` (checked by the caller):
+    /// the record and the image are stored together, then the face is searchable.
+    pub async fn register(&self, display_name: String, image: Vec<u8>) -> Result<FaceRecord, ApiError> {
+        if image.len() > MAX_STORED_IMAGE {
+            return Err(ApiError::new(ErrorCode::ImageTooLarge, format!("images kept by register are at most {MAX_STORED_IMAGE} bytes")));
+        }
+        let (faces, kind) = self.faces_of(image.clone(), "the image").await?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let record = FaceRecord {
+            image_url: format!("/api/face/{id}/image"),
+            id,
+            display_name,
+            inserted_at: SystemTime::now(),
+            face_vec: faces[0].embedding.clone(),
+            model_id: self.model_id().to_owned(),
+        };
+        let stored = StoredImage { bytes: image, content_type: media_type(kind).into() };
+        let _w = self.writes.lock().await;
+        self.faces.insert_face(&record, &stored).await?;
+        self.face_index.insert(&record);
+        Ok(record)
+    }
+
+    /// The records within cosine distance `threshold` of the query's most prominent face,
+    /// closest first, at most `top_k`.
+    pub async fn search(&self, image: Vec<u8>, top_k: usize, threshold: f32) -> Result<Found, ApiError> {
+        let (faces, _) = self.faces_of(image, "the query image").await?;
+        let started = Instant::now();
+        let hits = self.face_index.search(&faces[0].embedding, top_k, threshold);
+        Ok(Found { hits, search_time: started.elapsed() })
+    }
+
+    /// Cosine similarity of the two images' most prominent faces.
+    pub async fn verify(&self, first: Vec<u8>, second: Vec<u8>) -> Result<f32, ApiError> {
+        let (a, b) = tokio::join!(self.faces_of(first, "image1"), self.faces_of(second, "image2"));
+        let (a, b) = (a?.0, b?.0);
+        Ok(cosine(&a[0].embedding, &b[0].embedding))
+    }
+
+    /// A record (`face_not_found` when absent).
+    pub async fn face(&self, id: &str) -> Result<FaceRecord, ApiError> {
+        self.faces.get_face(id).await?.ok_or_else(|| face_not_found(id))
+    }
+
+    /// A record's image (`face_not_found` when absent).
+    pub async fn face_image(&self, id: &str) -> Result<StoredImage, ApiError> {
+        self.faces.get_face_image(id).await?.ok_or_else(|| face_not_found(id))
+    }
+
+    /// Records oldest first, `limit` from `offset`, and the total count.
+    pub async fn list_faces(&self, limit: usize, offset: usize) -> Result<(Vec<FaceRecord>, usize), ApiError> {
+        Ok(self.faces.list_faces(limit, offset).await?)
+    }
+
+    /// Record, image and vector gone (`face_not_found` when absent).
+    pub async fn delete_face(&self, id: &str) -> Result<(), ApiError> {
+        let _w = self.writes.lock().await;
+        if !self.faces.delete_face(id).await? {
+            return Err(face_not_found(id));
+        }
+        self.face_index.remove(id);
+        Ok(())
+    }
+}
+
+fn face_not_found(id: &str) -> ApiError {
+    ApiError::new(ErrorCode::FaceNotFound, format!("no face record '{id}'"))
+}
+
+fn media_type(kind: ImageKind) -> &'static str {
+    match kind {
+        ImageKind::Jpeg => "image/jpeg",
+        ImageKind::Png => "image/png",
+        ImageKind::Webp => "image/webp",
+        ImageKind::Bmp => "image/bmp",
+    }
+}

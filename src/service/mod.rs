@@ -1,0 +1,166 @@
+//! The service layer: every use case of both APIs, over the engine (inference), the two
+//! in-memory indexes (users' templates, face records), the store (the durable truth) and the
+//! audit trail. The HTTP layer parses and authorises, calls one method here and maps the answer
+//! to HTTP; nothing here knows HTTP.
+//!
+//! Writes follow one protocol, written once: take the write lock, write the store, then the
+//! index ([`Service::writes`]). The indexes therefore apply writes in the store's order, and the
+//! followers of other replicas' writes ([`follow`]) take the same lock to read and apply.
+//!
+//! - `recognition`: the original contract (recognise crops, record them, enrol users).
+//! - `faces`: the second API (encode, register, search, verify, get, list, delete).
+//! - `users`: users CRUD.
+//! - `follow`: other replicas' writes, into both indexes.
+//! - `load`: the indexes built from the store at start.
+
+pub mod faces;
+pub mod follow;
+pub mod load;
+pub mod recognition;
+mod users;
+
+use std::sync::Arc;
+
+use crate::audit::AuditHandle;
+use crate::engine::Engine;
+use crate::gallery::{FaceIndex, Gallery, SearchOptions};
+use crate::store::faces::FaceRecordStore;
+use crate::store::{FaceStore, StoreError, StoreKind};
+
+pub use recognition::{CropVerdict, Enrolled, LegacyStatus, SkippedFile, looks_like_unknown};
+
+/// What the service decides with, besides its parts.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// Cosine similarity at or above which a crop is named after a user (SIM_THRESHOLD), and the
+    /// default of `/api/face/verify`.
+    pub sim_threshold: f32,
+    /// The model pack's name, as reported.
+    pub model_pack: String,
+    /// How both indexes search (GALLERY_SEARCH).
+    pub search: SearchOptions,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        ServiceOptions { sim_threshold: 0.3, model_pack: "buffalo_sc".into(), search: SearchOptions::default() }
+    }
+}
+
+/// What the load at start skipped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartCounts {
+    /// Users whose templates came from another recognizer (kept, not compared).
+    pub users_other_model: usize,
+    /// Users with malformed embeddings (skipped).
+    pub users_malformed: usize,
+    /// Face records of another recognizer (kept, not searched).
+    pub faces_other_model: usize,
+    /// Face records with a malformed vector (skipped).
+    pub faces_malformed: usize,
+}
+
+/// The whole service behind both APIs. Shared behind an `Arc`.
+pub struct Service {
+    engine: Engine,
+    gallery: Arc<Gallery>,
+    face_index: Arc<FaceIndex>,
+    store: Arc<dyn FaceStore>,
+    faces: Arc<dyn FaceRecordStore>,
+    audit: AuditHandle,
+    /// Serialises "write the store, then the index", for local writes and the followers alike.
+    writes: Arc<tokio::sync::Mutex<()>>,
+    options: ServiceOptions,
+    start: StartCounts,
+}
+
+impl Service {
+    /// The service over these parts, with both indexes loaded from the store (users streamed in
+    /// batches, so that every template is never held twice).
+    pub async fn open(
+        engine: Engine,
+        store: Arc<dyn FaceStore>,
+        faces: Arc<dyn FaceRecordStore>,
+        audit: AuditHandle,
+        options: ServiceOptions,
+    ) -> Result<Service, StoreError> {
+        let info = engine.info().clone();
+        let (gallery, users) = load::gallery(store.as_ref(), &info.model_id, info.embedding_dim).await?;
+        if users.other_model > 0 {
+            tracing::warn!(count = users.other_model, ours = %info.model_id, "users enrolled with another recognizer are kept but not compared");
+        }
+        let loaded = faces.load_faces(&info.model_id).await?;
+        let face_index = FaceIndex::new(info.embedding_dim).with_search(options.search);
+        face_index.extend(&loaded.faces);
+        let start = StartCounts {
+            users_other_model: users.other_model,
+            users_malformed: users.malformed,
+            faces_other_model: loaded.other_model,
+            faces_malformed: loaded.malformed,
+        };
+        Ok(Service {
+            gallery: Arc::new(gallery.with_search(options.search)),
+            face_index: Arc::new(face_index),
+            engine,
+            store,
+            faces,
+            audit,
+            writes: Arc::new(tokio::sync::Mutex::new(())),
+            options,
+            start,
+        })
+    }
+
+    /// Starts following other replicas' writes when the store is shared (MongoDB): users into
+    /// the gallery, face records into their index. Nothing to do on SQLite.
+    pub async fn follow(self: &Arc<Self>) -> Result<(), StoreError> {
+        let model_id = self.model_id().to_owned();
+        if let Some(feed) = self.store.follow().await? {
+            tokio::spawn(follow::users(Arc::clone(&self.writes), Arc::clone(&self.gallery), model_id.clone(), feed));
+        }
+        if let Some(feed) = self.faces.follow_faces(self.face_index.ids()).await? {
+            tokio::spawn(follow::faces(Arc::clone(&self.writes), Arc::clone(&self.face_index), model_id, feed));
+        }
+        Ok(())
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Users' templates, compared by `/recognize`.
+    pub fn gallery(&self) -> &Gallery {
+        &self.gallery
+    }
+
+    /// Face records' vectors, searched by `/api/face/search`.
+    pub fn face_index(&self) -> &FaceIndex {
+        &self.face_index
+    }
+
+    pub fn audit(&self) -> &AuditHandle {
+        &self.audit
+    }
+
+    pub fn options(&self) -> &ServiceOptions {
+        &self.options
+    }
+
+    pub fn start_counts(&self) -> StartCounts {
+        self.start
+    }
+
+    pub fn store_kind(&self) -> StoreKind {
+        self.store.kind()
+    }
+
+    /// The recognizer in use: only vectors of one model are compared.
+    pub fn model_id(&self) -> &str {
+        &self.engine.info().model_id
+    }
+
+    /// A cheap check that the store answers now (for `/ready`).
+    pub async fn ping_store(&self) -> Result<(), StoreError> {
+        self.store.ping().await
+    }
+}
