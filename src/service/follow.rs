@@ -15,14 +15,14 @@ use std::sync::Arc;
 
 use crate::gallery::{FaceIndex, Gallery};
 use crate::store::faces::FaceChange;
-use crate::store::{Change, ChangeFeed, backoff};
+use crate::store::{Change, ChangeFeed, backoff, is_ours};
 
 /// Applies one user change: a user with a usable template of our recognizer (or of an unknown
 /// one, as for seed documents) is compared; anyone else is not.
 pub fn apply_user(gallery: &Gallery, model_id: &str, change: Change) {
     match change {
         Change::Upsert(rec) => {
-            let ours = rec.model_id.as_deref().is_none_or(|m| m == model_id);
+            let ours = is_ours(rec.model_id.as_deref(), model_id);
             if !(ours && !rec.embedding.is_empty() && gallery.upsert(&rec.username, &rec.embedding)) {
                 gallery.remove(&rec.username);
             }
@@ -38,7 +38,7 @@ pub fn apply_user(gallery: &Gallery, model_id: &str, change: Change) {
 pub fn apply_face(index: &FaceIndex, model_id: &str, change: FaceChange) {
     match change {
         FaceChange::Upsert(rec) => {
-            let ours = rec.model_id.is_empty() || rec.model_id == model_id;
+            let ours = is_ours(Some(&rec.model_id), model_id);
             if !(ours && index.insert(&rec)) {
                 index.remove(&rec.id);
             }

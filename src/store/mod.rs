@@ -5,6 +5,7 @@
 
 pub mod faces;
 pub mod mongo;
+pub mod policy;
 pub mod sqlite;
 mod sqlite_faces;
 
@@ -79,28 +80,6 @@ pub enum StoreError {
     /// A bug or corrupt data.
     #[error("store error: {0}")]
     Internal(String),
-}
-
-/// The weighted-mean enrolment rule, shared by every store: the new template is the
-/// L2-normalised mean of the old template (weighing `old_samples` images, at least one
-/// when a template exists) and the new embeddings (one image each).
-pub fn weighted_template(old: &[f32], old_samples: u64, new: &[Vec<f32>]) -> (Vec<f32>, u64) {
-    let dim = new.first().map_or(old.len(), Vec::len);
-    let mut acc = vec![0.0f64; dim];
-    let old_weight = if old.len() == dim && !old.is_empty() { old_samples.max(1) } else { 0 };
-    if old_weight > 0 {
-        for (a, &v) in acc.iter_mut().zip(old) {
-            *a += f64::from(v) * old_weight as f64;
-        }
-    }
-    for e in new {
-        for (a, &v) in acc.iter_mut().zip(e) {
-            *a += f64::from(v);
-        }
-    }
-    let norm = acc.iter().map(|v| v * v).sum::<f64>().sqrt();
-    let template = if norm > 0.0 { acc.iter().map(|v| (v / norm) as f32).collect() } else { vec![0.0; dim] };
-    (template, old_weight + new.len() as u64)
 }
 
 /// A user's state as another process (or this one) left it in the store, for the gallery.
@@ -188,6 +167,7 @@ pub trait FaceStore: Send + Sync + 'static {
 }
 
 pub use crate::civil::rfc3339;
+pub use policy::{check_new_embeddings, is_ours, weighted_template};
 
 /// How long a feed or follower waits after `failures` failures in a row: 250 ms, doubling, at
 /// most 5 s.
@@ -206,21 +186,5 @@ mod tests {
         assert_eq!(backoff(1), Duration::from_millis(250));
         assert_eq!(backoff(2), Duration::from_millis(500));
         assert_eq!(backoff(40), Duration::from_secs(5));
-    }
-
-    #[test]
-    fn weighted_mean_counts_every_image() {
-        let old = vec![1.0, 0.0];
-        let (t, n) = weighted_template(&old, 3, &[vec![0.0, 1.0]]);
-        assert_eq!(n, 4);
-        let norm = (9.0f32 + 1.0).sqrt();
-        assert!((t[0] - 3.0 / norm).abs() < 1e-6 && (t[1] - 1.0 / norm).abs() < 1e-6);
-        // A legacy template without a count weighs as one image.
-        let (t, n) = weighted_template(&old, 0, &[vec![0.0, 1.0]]);
-        assert_eq!(n, 2);
-        assert!((t[0] - t[1]).abs() < 1e-6);
-        // No template yet: the mean of the new ones.
-        let (t, n) = weighted_template(&[], 0, &[vec![1.0, 0.0], vec![1.0, 0.0]]);
-        assert_eq!((t, n), (vec![1.0, 0.0], 2));
     }
 }

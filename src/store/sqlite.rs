@@ -31,7 +31,8 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, ffi, params};
 
 use super::{
-    EMBEDDING_DIM, FaceStore, LoadedUsers, StoreError, StoreKind, UserBatches, UserRecord, UserSummary, rfc3339, weighted_template,
+    EMBEDDING_DIM, FaceStore, LoadedUsers, StoreError, StoreKind, UserBatches, UserRecord, UserSummary, check_new_embeddings, is_ours,
+    rfc3339, weighted_template,
 };
 
 /// Version of the schema this build writes (`PRAGMA user_version`).
@@ -272,22 +273,6 @@ pub(super) fn encode_embedding(v: &[f32]) -> Vec<u8> {
     out
 }
 
-/// Checks what `enroll` is given: a bug upstream must not reach the file.
-fn check_new_embeddings(embeddings: &[Vec<f32>]) -> Result<(), StoreError> {
-    if embeddings.is_empty() {
-        return Err(StoreError::Internal("enroll called with no embeddings".to_owned()));
-    }
-    for e in embeddings {
-        if e.len() != EMBEDDING_DIM {
-            return Err(StoreError::Internal(format!("enroll called with a {}-dimensional embedding, not {EMBEDDING_DIM}", e.len())));
-        }
-        if !e.iter().all(|x| x.is_finite()) {
-            return Err(StoreError::Internal("enroll called with non-finite embedding values".to_owned()));
-        }
-    }
-    Ok(())
-}
-
 fn load_users_blocking(conn: &mut Connection, model_id: &str) -> Result<LoadedUsers, StoreError> {
     let mut users = Vec::new();
     let loaded = scan_users(conn, model_id, &mut users)?;
@@ -365,7 +350,7 @@ fn scan_users(conn: &mut Connection, model_id: &str, out: &mut dyn Scanned) -> R
         while let Some(row) = rows.next().map_err(sql_err)? {
             let embedding = row.get_ref(1).map_err(sql_err)?;
             let stored_model = row.get_ref(3).map_err(sql_err)?.as_str_or_null().map_err(|e| sql_err(e.into()))?;
-            if has_template(embedding) && stored_model.is_some_and(|m| m != model_id) {
+            if has_template(embedding) && !is_ours(stored_model, model_id) {
                 loaded.other_model += 1;
                 continue;
             }
@@ -457,7 +442,7 @@ fn enroll_blocking(conn: &mut Connection, username: String, embeddings: &[Vec<f3
     let Some((has_old, old, old_samples, stored_model)) = row else { return Err(StoreError::UserNotFound(username)) };
     if has_old
         && let Some(stored) = stored_model
-        && stored != model_id
+        && !is_ours(Some(&stored), model_id)
     {
         // Dropping `tx` rolls back: nothing written.
         return Err(StoreError::ModelMismatch { username, stored, ours: model_id.to_owned() });

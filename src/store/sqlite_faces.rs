@@ -52,7 +52,7 @@ impl FaceRecordStore for SqliteStore {
                         continue;
                     }
                 }
-                if rec.model_id != model_id {
+                if !super::is_ours(Some(&rec.model_id), &model_id) {
                     out.other_model += 1;
                     continue;
                 }
@@ -176,16 +176,20 @@ mod tests {
         let mut other = record("c", "Cy", 3, 2);
         other.model_id = "m2".into();
         s.insert_face(&other, &img).await.expect("insert");
+        // Written by another tool without a recognizer id: ours, as on every store (store::policy).
+        let mut foreign = record("d", "Di", 5, 3);
+        foreign.model_id = String::new();
+        s.insert_face(&foreign, &img).await.expect("insert");
         assert!(s.insert_face(&record("a", "Dup", 4, 0), &img).await.is_err(), "ids are unique");
 
         let got = s.get_face("a").await.expect("get").expect("present");
         assert_eq!(got, record("a", "Ann", 2, 0));
         assert_eq!(s.get_face_image("a").await.expect("image"), Some(img.clone()));
         let (page, total) = s.list_faces(2, 0).await.expect("list");
-        assert_eq!(total, 3);
+        assert_eq!(total, 4);
         assert_eq!(page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["b", "a"], "oldest first");
         let loaded = s.load_faces("m1").await.expect("load");
-        assert_eq!((loaded.faces.len(), loaded.other_model, loaded.malformed), (2, 1, 0));
+        assert_eq!((loaded.faces.len(), loaded.other_model, loaded.malformed), (3, 1, 0));
 
         assert!(s.delete_face("a").await.expect("delete"));
         assert!(!s.delete_face("a").await.expect("delete"));

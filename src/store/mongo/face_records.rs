@@ -29,8 +29,8 @@ use mongodb::error::Error as MongoError;
 use mongodb::options::IndexOptions;
 use mongodb::{Collection, IndexModel};
 
-use super::super::ChangeFeed;
 use super::super::faces::{FaceChange, FaceRecord, FaceRecordStore, LoadedFaces, StoredImage};
+use super::super::{ChangeFeed, is_ours};
 use super::{EMBEDDING_DIM, MODEL_FIELD, MongoStore, StoreError, fmt_duration, is_duplicate_key, numbers_of, store_err, str_of};
 
 /// Face records, as the other API names them.
@@ -217,7 +217,7 @@ impl FaceRecordStore for MongoStore {
                 continue;
             }
             // A record without a model id (written by another tool) is taken as ours.
-            if !rec.model_id.is_empty() && rec.model_id != model_id {
+            if !is_ours(Some(&rec.model_id), model_id) {
                 out.other_model += 1;
                 continue;
             }

@@ -17,7 +17,7 @@ use mongodb::bson::{Bson, Document, RawDocumentBuf, doc};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType};
 
 use super::super::faces::{FaceChange, FaceRecord};
-use super::mongo_faces::{record_of, record_projection, with_id};
+use super::face_records::{record_of, record_projection, with_id};
 use super::{
     ChangeFeed, EventStream, FollowMode, IdKey, MongoStore, RESOLVE_CHUNK, StoreError, key_of_bson, open_stream, store_err, str_of,
 };
