@@ -1,41 +1,38 @@
 //! Calendar dates from day numbers (days since 1970-01-01, UTC) and back, and RFC 3339
-//! stamps: the few date computations the audit trail and the stores need, without a
-//! calendar crate (Howard Hinnant's algorithms, proleptic Gregorian calendar).
+//! stamps: the few date computations the audit trail and the stores need, through `jiff`
+//! (proleptic Gregorian calendar). Day numbers outside jiff's range (years -9999 to 9999)
+//! are clamped to its ends; no stored time comes near them.
 
 use std::time::SystemTime;
 
-/// (year, month, day) of a day number (days since 1970-01-01), proleptic Gregorian calendar.
+use jiff::civil::Date;
+use jiff::{Span, Timestamp};
+
+const EPOCH: Date = Date::constant(1970, 1, 1);
+
+/// (year, month, day) of a day number (days since 1970-01-01).
 pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m as u32, d as u32)
+    let date =
+        Span::new().try_days(z).ok().and_then(|span| EPOCH.checked_add(span).ok()).unwrap_or(if z < 0 { Date::MIN } else { Date::MAX });
+    (i64::from(date.year()), date.month() as u32, date.day() as u32)
 }
 
-/// The day number of (year, month, day); the inverse of [`civil_from_days`] for valid dates.
+/// The day number of (year, month, day); the inverse of [`civil_from_days`] for valid dates
+/// (an invalid date, like February 30, is taken as the last day of its month).
 pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let (m, d) = (i64::from(m), i64::from(d));
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    let year = i16::try_from(y.clamp(-9999, 9999)).unwrap_or(1970);
+    let month = i8::try_from(m.clamp(1, 12)).unwrap_or(1);
+    let first = Date::new(year, month, 1).unwrap_or(EPOCH);
+    let day = i8::try_from(d.clamp(1, 31)).unwrap_or(1).min(first.days_in_month());
+    let date = Date::new(year, month, day).unwrap_or(first);
+    date.since((jiff::Unit::Day, EPOCH)).map_or(0, |span| i64::from(span.get_days()))
 }
 
 /// RFC 3339 (UTC, milliseconds) for a time.
 pub fn rfc3339(t: SystemTime) -> String {
-    let ms = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-    let (secs, millis) = (ms.div_euclid(1000), ms.rem_euclid(1000));
-    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", sod / 3600, sod % 3600 / 60, sod % 60)
+    let ts = Timestamp::try_from(t).unwrap_or(Timestamp::UNIX_EPOCH);
+    let ts = if ts < Timestamp::UNIX_EPOCH { Timestamp::UNIX_EPOCH } else { ts };
+    ts.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
 #[cfg(test)]
