@@ -439,21 +439,9 @@ impl Facerec {
 
     /// `POST /calculate_average_embedding` with these fixture photos.
     pub fn enrol(&self, username: &str, photos: &[&str]) -> Response {
-        let boundary = "facerec-mongo-test-boundary";
-        let mut body = Vec::new();
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"username\"\r\n\r\n{username}\r\n").as_bytes(),
-        );
-        for name in photos {
-            body.extend_from_slice(
-                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: image/jpeg\r\n\r\n")
-                    .as_bytes(),
-            );
-            body.extend_from_slice(&fixture(name));
-            body.extend_from_slice(b"\r\n");
-        }
-        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-        self.call("POST", "/calculate_average_embedding", Some(&format!("multipart/form-data; boundary={boundary}")), &body)
+        let files: Vec<(&str, &str)> = photos.iter().map(|p| ("files", *p)).collect();
+        let (ct, body) = Facerec::form(&[("username", username)], &files);
+        self.call("POST", "/calculate_average_embedding", Some(&ct), &body)
     }
 
     /// A multipart body of text fields and fixture photos (`(field, file name)`).
