@@ -63,10 +63,6 @@ impl FaceIndex {
         self.names.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
     }
 
-    pub fn contains(&self, id: &str) -> bool {
-        self.vectors.contains(id)
-    }
-
     pub fn len(&self) -> usize {
         self.vectors.len()
     }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use crate::gallery::{FaceIndex, Gallery};
 use crate::store::faces::FaceChange;
-use crate::store::{Change, ChangeFeed, backoff, is_ours};
+use crate::store::{Change, ChangeFeed, Retry, is_ours};
 
 /// Applies one user change: a user with a usable template of our recognizer (or of an unknown
 /// one, as for seed documents) is compared; anyone else is not.
@@ -60,7 +60,7 @@ pub async fn faces(writes: Arc<tokio::sync::Mutex<()>>, index: Arc<FaceIndex>, m
 /// The loop: wait (no lock), then read and apply under `writes`. Errors while reading are retried
 /// with a backoff; the feed keeps what it has not delivered yet.
 pub async fn run<C>(what: &str, writes: &tokio::sync::Mutex<()>, mut feed: Box<dyn ChangeFeed<C>>, mut apply: impl FnMut(C)) {
-    let mut failures: u32 = 0;
+    let mut retry = Retry::default();
     loop {
         feed.wait().await;
         let result = {
@@ -73,21 +73,14 @@ pub async fn run<C>(what: &str, writes: &tokio::sync::Mutex<()>, mut feed: Box<d
         };
         match result {
             Ok(n) => {
-                if failures > 0 {
+                if retry.after_success() {
                     tracing::info!(what, "follower: reading the store works again");
                 }
-                failures = 0;
                 if n > 0 {
                     tracing::debug!(what, changes = n, "follower: applied other writers' changes");
                 }
             }
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                if failures == 1 {
-                    tracing::warn!(what, "follower: cannot read changes yet ({e}); retrying");
-                }
-                tokio::time::sleep(backoff(failures)).await;
-            }
+            Err(e) => retry.after_failure(|| tracing::warn!(what, "follower: cannot read changes yet ({e}); retrying")).await,
         }
     }
 }

@@ -54,10 +54,6 @@ pub struct StartCounts {
     pub users_other_model: usize,
     /// Users with malformed embeddings (skipped).
     pub users_malformed: usize,
-    /// Face records of another recognizer (kept, not searched).
-    pub faces_other_model: usize,
-    /// Face records with a malformed vector (skipped).
-    pub faces_malformed: usize,
 }
 
 /// The whole service behind both APIs. Shared behind an `Arc`.
@@ -92,12 +88,7 @@ impl Service {
         let loaded = faces.load_faces(&info.model_id).await?;
         let face_index = FaceIndex::new(info.embedding_dim).with_search(options.search);
         face_index.extend(&loaded.faces);
-        let start = StartCounts {
-            users_other_model: users.other_model,
-            users_malformed: users.malformed,
-            faces_other_model: loaded.other_model,
-            faces_malformed: loaded.malformed,
-        };
+        let start = StartCounts { users_other_model: users.other_model, users_malformed: users.malformed };
         Ok(Service {
             gallery: Arc::new(gallery.with_search(options.search)),
             face_index: Arc::new(face_index),

@@ -176,6 +176,29 @@ pub fn backoff(failures: u32) -> std::time::Duration {
     Duration::from_millis(250u64.saturating_mul(1 << failures.saturating_sub(1).min(5))).min(Duration::from_secs(5))
 }
 
+/// The failures in a row of a loop that retries for ever (the feeds, the followers): a warning
+/// for the first of a run, then the [`backoff`] wait; a success ends the run.
+#[derive(Debug, Default)]
+pub struct Retry {
+    failures: u32,
+}
+
+impl Retry {
+    /// After a failure: `warn` runs for the first one of a run, then this waits the backoff.
+    pub async fn after_failure(&mut self, warn: impl FnOnce()) {
+        self.failures = self.failures.saturating_add(1);
+        if self.failures == 1 {
+            warn();
+        }
+        tokio::time::sleep(backoff(self.failures)).await;
+    }
+
+    /// After a success: true when it ends a run of failures (time to say it works again).
+    pub fn after_success(&mut self) -> bool {
+        std::mem::take(&mut self.failures) > 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

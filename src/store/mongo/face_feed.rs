@@ -21,7 +21,7 @@ use super::face_records::{record_of, record_projection, with_id};
 use super::{
     ChangeFeed, EventStream, FollowMode, IdKey, MongoStore, RESOLVE_CHUNK, StoreError, key_of_bson, open_stream, store_err, str_of,
 };
-use crate::store::backoff;
+use crate::store::Retry;
 
 impl MongoStore {
     /// The feed of `faces`, starting from the ids the index holds.
@@ -61,17 +61,17 @@ pub struct MongoFacesFeed {
 #[async_trait::async_trait]
 impl ChangeFeed<FaceChange> for MongoFacesFeed {
     async fn wait(&mut self) {
-        let mut failures: u32 = 0;
+        let mut retry = Retry::default();
         while self.upserts.is_empty() && self.removals.is_empty() {
             let step = if self.resync { self.compare().await } else { self.next_event().await };
             match step {
-                Ok(()) => failures = 0,
+                Ok(()) => {
+                    retry.after_success();
+                }
                 Err(e) => {
-                    failures = failures.saturating_add(1);
-                    if failures == 1 {
-                        tracing::warn!("mongo store: cannot follow other replicas' face records for now ({e}); retrying");
-                    }
-                    tokio::time::sleep(backoff(failures)).await;
+                    retry
+                        .after_failure(|| tracing::warn!("mongo store: cannot follow other replicas' face records for now ({e}); retrying"))
+                        .await
                 }
             }
         }

@@ -50,7 +50,7 @@ pub struct MongoFeed {
 #[async_trait::async_trait]
 impl ChangeFeed for MongoFeed {
     async fn wait(&mut self) {
-        let mut failures: u32 = 0;
+        let mut retry = Retry::default();
         loop {
             if !self.pending.is_empty() {
                 return;
@@ -58,17 +58,14 @@ impl ChangeFeed for MongoFeed {
             let step = if self.resync { self.resync().await } else { self.next_step().await };
             match step {
                 Ok(()) => {
-                    if failures > 0 {
+                    if retry.after_success() {
                         tracing::info!(how = %self.describe(), "mongo store: following other replicas again");
                     }
-                    failures = 0;
                 }
                 Err(e) => {
-                    failures = failures.saturating_add(1);
-                    if failures == 1 {
-                        tracing::warn!("mongo store: cannot follow other replicas' writes for now ({e}); retrying");
-                    }
-                    tokio::time::sleep(backoff(failures)).await;
+                    retry
+                        .after_failure(|| tracing::warn!("mongo store: cannot follow other replicas' writes for now ({e}); retrying"))
+                        .await
                 }
             }
         }

@@ -42,8 +42,8 @@ use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument};
 use mongodb::{Client, Collection, IndexModel};
 
 use super::{
-    Change, ChangeFeed, EMBEDDING_DIM, FaceStore, LoadedUsers, StoreError, StoreKind, UserRecord, UserSummary, backoff,
-    check_new_embeddings, is_ours, rfc3339,
+    Change, ChangeFeed, EMBEDDING_DIM, FaceStore, LoadedUsers, Retry, StoreError, StoreKind, UserRecord, UserSummary, check_new_embeddings,
+    is_ours, rfc3339,
 };
 
 /// The second API's face records (`faces`, `face_images`).
