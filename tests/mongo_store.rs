@@ -471,6 +471,12 @@ fn face_records_follow(a: &Facerec, b: &Facerec) {
     found_within_1s("face registration", b, "img6.jpg", &|ids| ids.first() == Some(&id));
     assert_eq!(b.delete(&format!("/api/face/{id}")).status, 200);
     found_within_1s("face deletion", a, "img6.jpg", &|ids| !ids.contains(&id));
+
+    // Registered through A and deleted through B at once, before A's feed can have seen it:
+    // A's index got it from its own write, and must still drop it.
+    let id = a.register("Carol again", "img5.jpg");
+    assert_eq!(b.delete(&format!("/api/face/{id}")).status, 200);
+    found_within_1s("a face deleted before its registration was followed", a, "img6.jpg", &|ids| !ids.contains(&id));
 }
 
 #[test]

@@ -109,7 +109,8 @@ impl Service {
         if let Some(feed) = self.store.follow().await? {
             tokio::spawn(follow::users(Arc::clone(&self.writes), Arc::clone(&self.gallery), model_id.clone(), feed));
         }
-        if let Some(feed) = self.faces.follow_faces(self.face_index.ids()).await? {
+        let index = Arc::clone(&self.face_index);
+        if let Some(feed) = self.faces.follow_faces(Arc::new(move || index.ids())).await? {
             tokio::spawn(follow::faces(Arc::clone(&self.writes), Arc::clone(&self.face_index), model_id, feed));
         }
         Ok(())

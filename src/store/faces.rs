@@ -63,6 +63,9 @@ pub struct LoadedFaces {
     pub malformed: usize,
 }
 
+/// Which record ids an index holds now, asked by a feed that compares (see [`FaceRecordStore::follow_faces`]).
+pub type KnownIds = std::sync::Arc<dyn Fn() -> std::collections::HashSet<String> + Send + Sync>;
+
 /// A face record's state as another process (or this one) left it in the store, for the index.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FaceChange {
@@ -93,10 +96,11 @@ pub trait FaceRecordStore: Send + Sync + 'static {
     async fn delete_face(&self, id: &str) -> Result<bool, StoreError>;
 
     /// Other writers' records, for a store that several processes share; `None` (the default)
-    /// for a store only this process writes (SQLite). `known` is every record id the index
-    /// holds (what [`FaceRecordStore::load_faces`] gave): the feed starts by comparing the
-    /// store with it, so nothing written since the load is missed.
-    async fn follow_faces(&self, known: std::collections::HashSet<String>) -> Result<Option<Box<dyn ChangeFeed<FaceChange>>>, StoreError> {
+    /// for a store only this process writes (SQLite). `known` says which record ids the index
+    /// holds now (what [`FaceRecordStore::load_faces`] gave, and this process's own writes
+    /// since): a feed that compares the store with what it knows asks it at every compare, so
+    /// that a record written here and deleted elsewhere before the feed saw it is still removed.
+    async fn follow_faces(&self, known: KnownIds) -> Result<Option<Box<dyn ChangeFeed<FaceChange>>>, StoreError> {
         let _ = known;
         Ok(None)
     }

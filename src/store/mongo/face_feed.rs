@@ -16,7 +16,7 @@ use mongodb::Collection;
 use mongodb::bson::{Bson, Document, RawDocumentBuf, doc};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType};
 
-use super::super::faces::{FaceChange, FaceRecord};
+use super::super::faces::{FaceChange, FaceRecord, KnownIds};
 use super::face_records::{record_of, record_projection, with_id};
 use super::{
     ChangeFeed, EventStream, FollowMode, IdKey, MongoStore, RESOLVE_CHUNK, StoreError, key_of_bson, open_stream, store_err, str_of,
@@ -25,14 +25,15 @@ use crate::store::Retry;
 
 impl MongoStore {
     /// The feed of `faces`, starting from the ids the index holds.
-    pub(super) fn faces_feed(&self, known: HashSet<String>) -> MongoFacesFeed {
+    pub(super) fn faces_feed(&self, known: KnownIds) -> MongoFacesFeed {
         MongoFacesFeed {
             coll: self.faces(),
             stream_wanted: self.opts.follow == FollowMode::Auto,
             stream: None,
             poll_interval: self.opts.poll_interval,
             present: HashMap::new(),
-            delivered: known,
+            delivered: HashSet::new(),
+            known,
             upserts: HashSet::new(),
             removals: HashSet::new(),
             resync: true,
@@ -51,6 +52,8 @@ pub struct MongoFacesFeed {
     present: HashMap<IdKey, String>,
     /// Ids whose current state the index has been given.
     delivered: HashSet<String>,
+    /// The ids the index holds now, this process's own writes included (asked at every compare).
+    known: KnownIds,
     /// Ids to read again, and ids gone.
     upserts: HashSet<String>,
     removals: HashSet<String>,
@@ -195,6 +198,9 @@ impl MongoFacesFeed {
             present.insert(key_of_bson(&oid), id.to_owned());
         }
         let ids: HashSet<&String> = present.values().collect();
+        // What this process wrote itself reached the index without passing through the feed: a
+        // record registered here and deleted elsewhere before this compare must still go.
+        self.delivered.extend((self.known)());
         for id in &self.delivered {
             if !ids.contains(id) {
                 self.removals.insert(id.clone());
