@@ -223,7 +223,8 @@ async fn follower_scenario(db: &str, mode: FollowMode) {
     let loaded = b.load_users(MODEL).await.unwrap();
     let gallery = Arc::new(Gallery::from_entries(EMBEDDING_DIM, loaded.users.into_iter().map(|u| (u.username, u.embedding))));
     let gate = Arc::new(tokio::sync::Mutex::new(()));
-    let feed = b.follow().await.unwrap().expect("a MongoDB store has a feed");
+    let held = Arc::clone(&gallery);
+    let feed = b.follow(Arc::new(move || held.names())).await.unwrap().expect("a MongoDB store has a feed");
     let task = tokio::spawn(follow::users(Arc::clone(&gate), Arc::clone(&gallery), MODEL.to_owned(), feed));
     let within = |what: &'static str, f: Box<dyn Fn(&Gallery) -> bool + Send>| {
         let g = Arc::clone(&gallery);
@@ -262,13 +263,34 @@ async fn follower_scenario(db: &str, mode: FollowMode) {
     a.create_user("amy").await.unwrap();
     a.enroll("amy", &[unit(20)], MODEL).await.unwrap();
     within("amy re-created", Box::new(|g| g.best(&unit(20)).is_some_and(|m| m.name == "amy" && m.score > 0.999))).await;
-    // Another recognizer takes over a user elsewhere: no longer compared here.
+    // Another recognizer takes over a user elsewhere: no longer compared here. Changes are
+    // applied in order, so once a later write is seen, "other" has been decided.
     a.create_user("other").await.unwrap();
     a.enroll("other", &[unit(30)], "other-model").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.create_user("marker").await.unwrap();
+    a.enroll("marker", &[unit(31)], MODEL).await.unwrap();
+    within("the write after other's", Box::new(|g| g.contains("marker"))).await;
     assert!(!gallery.contains("other"));
+    a.delete_user("marker").await.unwrap();
+    within("marker deleted", Box::new(|g| !g.contains("marker"))).await;
+
+    // Written on B (under the gate) and deleted through A before B's feed saw its document:
+    // B's gallery held it only from its own write, and must still drop it (in polling mode at
+    // the next full compare, 120 polls).
+    {
+        let _w = gate.lock().await;
+        b.create_user("zed").await.unwrap();
+        let rec = b.enroll("zed", &[unit(40)], MODEL).await.unwrap();
+        gallery.upsert("zed", &rec.embedding);
+    }
+    a.delete_user("zed").await.unwrap();
+    let started = Instant::now();
+    while gallery.contains("zed") {
+        assert!(started.elapsed() < Duration::from_secs(30), "zed, deleted elsewhere, still compared after 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // Settled: exactly the store's state.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(gallery.len(), 1);
     let amy = a.get_user("amy").await.unwrap().unwrap();
     assert!(gallery.best(&amy.embedding).is_some_and(|m| m.name == "amy" && m.score > 0.9999));

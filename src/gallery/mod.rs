@@ -357,6 +357,12 @@ impl Gallery {
     }
 
     /// Whether `name` has a template (asks the writer side: waits for a write in progress).
+    /// Every name compared now.
+    pub fn names(&self) -> std::collections::HashSet<String> {
+        let snap = self.snapshot();
+        (0..snap.len()).map(|row| snap.name(row).to_owned()).collect()
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         let index = self.lock_writer();
         let snap = self.snapshot();

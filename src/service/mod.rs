@@ -106,7 +106,8 @@ impl Service {
     /// the gallery, face records into their index. Nothing to do on SQLite.
     pub async fn follow(self: &Arc<Self>) -> Result<(), StoreError> {
         let model_id = self.model_id().to_owned();
-        if let Some(feed) = self.store.follow().await? {
+        let gallery = Arc::clone(&self.gallery);
+        if let Some(feed) = self.store.follow(Arc::new(move || gallery.names())).await? {
             tokio::spawn(follow::users(Arc::clone(&self.writes), Arc::clone(&self.gallery), model_id.clone(), feed));
         }
         let index = Arc::clone(&self.face_index);

@@ -63,9 +63,6 @@ pub struct LoadedFaces {
     pub malformed: usize,
 }
 
-/// Which record ids an index holds now, asked by a feed that compares (see [`FaceRecordStore::follow_faces`]).
-pub type KnownIds = std::sync::Arc<dyn Fn() -> std::collections::HashSet<String> + Send + Sync>;
-
 /// A face record's state as another process (or this one) left it in the store, for the index.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FaceChange {
@@ -100,7 +97,7 @@ pub trait FaceRecordStore: Send + Sync + 'static {
     /// holds now (what [`FaceRecordStore::load_faces`] gave, and this process's own writes
     /// since): a feed that compares the store with what it knows asks it at every compare, so
     /// that a record written here and deleted elsewhere before the feed saw it is still removed.
-    async fn follow_faces(&self, known: KnownIds) -> Result<Option<Box<dyn ChangeFeed<FaceChange>>>, StoreError> {
+    async fn follow_faces(&self, known: super::Held) -> Result<Option<Box<dyn ChangeFeed<FaceChange>>>, StoreError> {
         let _ = known;
         Ok(None)
     }

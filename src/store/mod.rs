@@ -160,11 +160,18 @@ pub trait FaceStore: Send + Sync + 'static {
     /// Other writers' changes, for a store that several processes share; `None` (the
     /// default) for a store only this process writes (SQLite). Call it after
     /// [`FaceStore::load_users`]: the feed starts where that load started, so nothing written
-    /// in between is missed.
-    async fn follow(&self) -> Result<Option<Box<dyn ChangeFeed>>, StoreError> {
+    /// in between is missed. `held` says which names the gallery holds now (see [`Held`]).
+    async fn follow(&self, held: Held) -> Result<Option<Box<dyn ChangeFeed>>, StoreError> {
+        let _ = held;
         Ok(None)
     }
 }
+
+/// What an in-memory index holds now (user names, or face record ids), asked by a feed when it
+/// compares the whole store with what it knows. This process's own writes reach the index
+/// without passing through the feed, so an entry written here and deleted elsewhere before the
+/// feed saw it is known only to the index; the compare finds it there and removes it.
+pub type Held = std::sync::Arc<dyn Fn() -> std::collections::HashSet<String> + Send + Sync>;
 
 pub use crate::civil::rfc3339;
 pub use policy::{check_new_embeddings, is_ours, weighted_template};

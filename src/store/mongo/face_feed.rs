@@ -16,16 +16,17 @@ use mongodb::Collection;
 use mongodb::bson::{Bson, Document, RawDocumentBuf, doc};
 use mongodb::change_stream::event::{ChangeStreamEvent, OperationType};
 
-use super::super::faces::{FaceChange, FaceRecord, KnownIds};
+use super::super::faces::{FaceChange, FaceRecord};
 use super::face_records::{record_of, record_projection, with_id};
 use super::{
     ChangeFeed, EventStream, FollowMode, IdKey, MongoStore, RESOLVE_CHUNK, StoreError, key_of_bson, open_stream, store_err, str_of,
 };
+use crate::store::Held;
 use crate::store::Retry;
 
 impl MongoStore {
     /// The feed of `faces`, starting from the ids the index holds.
-    pub(super) fn faces_feed(&self, known: KnownIds) -> MongoFacesFeed {
+    pub(super) fn faces_feed(&self, known: Held) -> MongoFacesFeed {
         MongoFacesFeed {
             coll: self.faces(),
             stream_wanted: self.opts.follow == FollowMode::Auto,
@@ -53,7 +54,7 @@ pub struct MongoFacesFeed {
     /// Ids whose current state the index has been given.
     delivered: HashSet<String>,
     /// The ids the index holds now, this process's own writes included (asked at every compare).
-    known: KnownIds,
+    known: Held,
     /// Ids to read again, and ids gone.
     upserts: HashSet<String>,
     removals: HashSet<String>,
@@ -188,6 +189,7 @@ impl MongoFacesFeed {
                 Err(e) => return Err(store_err("opening the face records' change stream", &e)),
             }
         }
+        let held_before = (self.known)();
         let what = "comparing face records";
         let mut cursor =
             self.coll.find(with_id()).projection(doc! {"_id": 1, "id": 1}).batch_size(5000).await.map_err(|e| store_err(what, &e))?;
@@ -199,8 +201,10 @@ impl MongoFacesFeed {
         }
         let ids: HashSet<&String> = present.values().collect();
         // What this process wrote itself reached the index without passing through the feed: a
-        // record registered here and deleted elsewhere before this compare must still go.
-        self.delivered.extend((self.known)());
+        // record registered here and deleted elsewhere before this compare must still go. Asked
+        // before the scan: a record in the index then was in the store then (the store is
+        // written first), so not finding it means it was deleted since (ids are never reused).
+        self.delivered.extend(held_before);
         for id in &self.delivered {
             if !ids.contains(id) {
                 self.removals.insert(id.clone());

@@ -302,7 +302,7 @@ impl FaceRecordStore for MongoStore {
         Ok((docs.iter().filter_map(|raw| shown_record(raw)).collect(), usize_of(total)))
     }
 
-    async fn follow_faces(&self, known: crate::store::faces::KnownIds) -> Result<Option<Box<dyn ChangeFeed<FaceChange>>>, StoreError> {
+    async fn follow_faces(&self, known: crate::store::Held) -> Result<Option<Box<dyn ChangeFeed<FaceChange>>>, StoreError> {
         let feed = self.faces_feed(known);
         tracing::info!("mongo store: following other replicas' face records");
         Ok(Some(Box::new(feed)))

@@ -43,6 +43,11 @@ pub struct MongoFeed {
     pub(super) known: HashMap<IdKey, Entry>,
     /// Documents to read again.
     pub(super) pending: HashMap<IdKey, Bson>,
+    /// The names the gallery holds now, this process's own writes included (asked at a compare).
+    pub(super) held: crate::store::Held,
+    /// Names the gallery holds with no document at the last compare (written here, deleted
+    /// elsewhere before this feed saw them): removed at the next `changes`.
+    pub(super) strays: HashSet<String>,
     /// Compare every document with `known` (after a lost change stream or a count mismatch).
     pub(super) resync: bool,
 }
@@ -52,7 +57,7 @@ impl ChangeFeed for MongoFeed {
     async fn wait(&mut self) {
         let mut retry = Retry::default();
         loop {
-            if !self.pending.is_empty() {
+            if !self.pending.is_empty() || !self.strays.is_empty() {
                 return;
             }
             let step = if self.resync { self.resync().await } else { self.next_step().await };
@@ -72,8 +77,8 @@ impl ChangeFeed for MongoFeed {
     }
 
     async fn changes(&mut self) -> Result<Vec<Change>, StoreError> {
+        let mut changes = self.strays_gone().await?;
         let pending: Vec<(IdKey, Bson)> = self.pending.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let mut changes = Vec::new();
         for chunk in pending.chunks(RESOLVE_CHUNK) {
             match self.resolve(chunk).await {
                 Ok(mut c) => {
@@ -98,6 +103,33 @@ impl ChangeFeed for MongoFeed {
 }
 
 impl MongoFeed {
+    /// The strays that still have no document are removed; one that has one again (deleted and
+    /// created anew meanwhile) is read as any changed document.
+    async fn strays_gone(&mut self) -> Result<Vec<Change>, StoreError> {
+        if self.strays.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<&String> = self.strays.iter().collect();
+        let filter = doc! {"username": {"$in": names}};
+        let limit = self.op_timeout * 2;
+        let projection = doc! {"_id": 1, "username": 1, "updated_at": 1};
+        let found: Vec<RawDocumentBuf> =
+            match tokio::time::timeout(limit, async { self.coll.find(filter).projection(projection).await?.try_collect::<Vec<_>>().await })
+                .await
+            {
+                Ok(r) => r.map_err(|e| store_err("reading users gone from the store", &e))?,
+                Err(_) => return Err(StoreError::Unavailable(format!("reading users gone: no answer within {}", fmt_duration(limit)))),
+            };
+        for raw in &found {
+            let Some((key, entry)) = entry_of(raw) else { continue };
+            if let Some(name) = &entry.username {
+                self.strays.remove(name);
+            }
+            self.pending.insert(key, entry.id);
+        }
+        Ok(self.strays.drain().map(Change::Remove).collect())
+    }
+
     /// One step of following: the next change stream events, or one poll.
     async fn next_step(&mut self) -> Result<(), StoreError> {
         match &mut self.source {
@@ -166,7 +198,15 @@ impl MongoFeed {
         match event.operation_type {
             OperationType::Insert | OperationType::Update | OperationType::Replace | OperationType::Delete => {
                 if let Some(id) = event.document_key.as_ref().and_then(|k| k.get("_id")) {
-                    self.pending.insert(key_of_bson(id), id.clone());
+                    let key = key_of_bson(id);
+                    // A document first seen through its event: its name is remembered, so that
+                    // if it is gone by the time it is read (deleted meanwhile), the name it had
+                    // is still removed (it may have reached the gallery through a local write).
+                    let username = event.full_document.as_ref().and_then(|d| d.get_str("username").ok());
+                    if let (Some(name), false) = (username, self.known.contains_key(&key)) {
+                        self.known.insert(key.clone(), Entry { id: id.clone(), username: Some(name.to_owned()), stamp: None });
+                    }
+                    self.pending.insert(key, id.clone());
                 }
             }
             OperationType::Drop | OperationType::Rename | OperationType::DropDatabase | OperationType::Invalidate => {
@@ -194,10 +234,14 @@ impl MongoFeed {
         let projection = doc! {"_id": 1, "username": 1, "updated_at": 1};
         let mut cursor =
             self.coll.find(doc! {}).projection(projection).batch_size(5000).await.map_err(|e| store_err("comparing users", &e))?;
+        // Asked before the scan: a name the gallery held then had its document then.
+        let held_before = (self.held)();
         let mut seen = HashSet::new();
+        let mut names = HashSet::new();
         let mut newest = None;
         while let Some(raw) = cursor.try_next().await.map_err(|e| store_err("comparing users", &e))? {
             let Some((key, entry)) = entry_of(&raw) else { continue };
+            names.extend(entry.username.clone());
             newest = newest.max(entry.stamp);
             let same =
                 self.known.get(&key).is_some_and(|k| entry.stamp.is_some() && k.stamp == entry.stamp && k.username == entry.username);
@@ -211,6 +255,9 @@ impl MongoFeed {
                 self.pending.insert(key.clone(), entry.id.clone());
             }
         }
+        // A name written here and deleted elsewhere before this feed saw its document (read
+        // again by `changes`, under the write lock, before it is removed).
+        self.strays.extend(held_before.into_iter().filter(|n| !names.contains(n)));
         if let Source::Poll { watermark, last_full, .. } = &mut self.source {
             *watermark = (*watermark).max(newest);
             *last_full = Instant::now();
@@ -224,7 +271,7 @@ impl MongoFeed {
     async fn poll(&mut self) -> Result<(), StoreError> {
         let Source::Poll { interval, watermark, last_full } = &mut self.source else { return Ok(()) };
         tokio::time::sleep(*interval).await;
-        if last_full.elapsed() >= POLL_FULL_EVERY {
+        if last_full.elapsed() >= *interval * POLL_FULL_EVERY {
             self.resync = true;
             return Ok(());
         }

@@ -68,9 +68,10 @@ pub const MODEL_FIELD: &str = "model_id";
 /// Polling: stamps this much older than the newest one seen are read again, for writes stamped
 /// before (and committed after) the newest one.
 const POLL_OVERLAP: Duration = Duration::from_secs(5);
-/// Polling: a full `_id` compare at least this often (deletions and unstamped inserts that the
-/// count missed).
-const POLL_FULL_EVERY: Duration = Duration::from_secs(60);
+/// Polling: a full `_id` compare at least once every this many polls (deletions and unstamped
+/// inserts that the count missed, names written here and deleted elsewhere before a poll saw
+/// them): every 60 s at the default 500 ms interval.
+const POLL_FULL_EVERY: u32 = 120;
 /// Change streams: how long one getMore waits on the server for new events.
 const STREAM_AWAIT: Duration = Duration::from_millis(500);
 /// Users read per query when resolving changes.

@@ -147,7 +147,7 @@ impl FaceStore for MongoStore {
         self.bounded("ping", db.run_command(doc! {"ping": 1}).into_future()).await.map(|_| ())
     }
 
-    async fn follow(&self) -> Result<Option<Box<dyn ChangeFeed>>, StoreError> {
+    async fn follow(&self, held: crate::store::Held) -> Result<Option<Box<dyn ChangeFeed>>, StoreError> {
         let seed = self.seed.lock().ok().and_then(|mut s| s.take());
         let (source, known, resync) = match seed {
             Some(Seed { stream, poll, known, watermark }) => {
@@ -168,6 +168,8 @@ impl FaceStore for MongoStore {
             source,
             known,
             pending: HashMap::new(),
+            held,
+            strays: std::collections::HashSet::new(),
             resync,
         };
         if let Source::Stream { stream: Some(s), token } = &mut feed.source {
