@@ -7,7 +7,6 @@ pub mod faces;
 pub mod mongo;
 pub mod policy;
 pub mod sqlite;
-mod sqlite_faces;
 
 use std::time::SystemTime;
 

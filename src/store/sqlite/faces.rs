@@ -4,9 +4,9 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::faces::{FaceRecord, FaceRecordStore, LoadedFaces, StoredImage};
-use super::sqlite::{SqliteStore, decode_embedding, encode_embedding, sql_err, time_from_ms};
-use super::{EMBEDDING_DIM, StoreError};
+use super::{SqliteStore, decode_embedding, encode_embedding, sql_err, time_from_ms};
+use crate::store::faces::{FaceRecord, FaceRecordStore, LoadedFaces, StoredImage};
+use crate::store::{EMBEDDING_DIM, StoreError};
 
 fn ms(t: std::time::SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -52,7 +52,7 @@ impl FaceRecordStore for SqliteStore {
                         continue;
                     }
                 }
-                if !super::is_ours(Some(&rec.model_id), &model_id) {
+                if !crate::store::is_ours(Some(&rec.model_id), &model_id) {
                     out.other_model += 1;
                     continue;
                 }
