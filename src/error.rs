@@ -146,7 +146,7 @@ impl From<FaceError> for ApiError {
     fn from(e: FaceError) -> Self {
         match e {
             FaceError::InvalidImage(m) => ApiError::new(ErrorCode::InvalidImage, format!("invalid image: {m}")),
-            e @ FaceError::ImageTooLarge { .. } => ApiError::new(ErrorCode::ImageTooLarge, e.to_string()),
+            e @ (FaceError::ImageTooLarge { .. } | FaceError::TooCostly(_)) => ApiError::new(ErrorCode::ImageTooLarge, e.to_string()),
             other => ApiError::internal(other),
         }
     }

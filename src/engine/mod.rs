@@ -465,7 +465,7 @@ fn prepare(
     let DecodedImage { rgb, kind } = decode(bytes, limits).map_err(EngineError::Image)?;
     times.decode = t.elapsed();
     let prepared = analyzer.prepare(&rgb, times).map_err(|e| match e {
-        e @ (FaceError::InvalidImage(_) | FaceError::ImageTooLarge { .. }) => EngineError::Image(e),
+        e @ (FaceError::InvalidImage(_) | FaceError::ImageTooLarge { .. } | FaceError::TooCostly(_)) => EngineError::Image(e),
         other => EngineError::Internal(other.to_string()),
     })?;
     Ok((kind, rgb.dimensions(), prepared))
