@@ -281,6 +281,11 @@ pub struct ServeConfig {
     #[arg(long, env = "QUEUE_SIZE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub queue_size: u32,
 
+    /// How long a request waits for one image's inference; past it: 503 `inference_timeout`,
+    /// the job is withdrawn, and /ready says 503 while a worker stays busy with it.
+    #[arg(long, env = "INFERENCE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub inference_timeout: Duration,
+
     /// Most images (and faces) embedded in one recognizer run; 1 turns micro-batching off.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub batch_size: u16,

@@ -35,6 +35,7 @@ pub enum ErrorCode {
     NotFound,
     MethodNotAllowed,
     Overloaded,
+    InferenceTimeout,
     StoreUnavailable,
     NotReady,
     Internal,
@@ -55,7 +56,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UserExists | Self::ModelMismatch => StatusCode::CONFLICT,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-            Self::StoreUnavailable | Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable | Self::NotReady | Self::InferenceTimeout => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -82,6 +83,7 @@ impl ErrorCode {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Overloaded => "overloaded",
+            Self::InferenceTimeout => "inference_timeout",
             Self::StoreUnavailable => "store_unavailable",
             Self::NotReady => "not_ready",
             Self::Internal => "internal",
@@ -146,7 +148,7 @@ impl From<FaceError> for ApiError {
     fn from(e: FaceError) -> Self {
         match e {
             FaceError::InvalidImage(m) => ApiError::new(ErrorCode::InvalidImage, format!("invalid image: {m}")),
-            e @ FaceError::ImageTooLarge { .. } => ApiError::new(ErrorCode::ImageTooLarge, e.to_string()),
+            e @ (FaceError::ImageTooLarge { .. } | FaceError::TooCostly(_)) => ApiError::new(ErrorCode::ImageTooLarge, e.to_string()),
             other => ApiError::internal(other),
         }
     }
@@ -157,6 +159,13 @@ impl From<EngineError> for ApiError {
         match e {
             EngineError::Image(f) => f.into(),
             EngineError::Overloaded => ApiError::new(ErrorCode::Overloaded, "the service is at capacity: retry shortly"),
+            EngineError::Timeout(d) => {
+                tracing::warn!(timeout = ?d, "an inference job passed INFERENCE_TIMEOUT and was abandoned");
+                ApiError::new(
+                    ErrorCode::InferenceTimeout,
+                    format!("inference took longer than INFERENCE_TIMEOUT ({} s): the job was abandoned; retry later", d.as_secs_f64()),
+                )
+            }
             other => ApiError::internal(other),
         }
     }
@@ -208,6 +217,7 @@ mod tests {
             ErrorCode::NotFound,
             ErrorCode::MethodNotAllowed,
             ErrorCode::Overloaded,
+            ErrorCode::InferenceTimeout,
             ErrorCode::StoreUnavailable,
             ErrorCode::NotReady,
             ErrorCode::Internal,

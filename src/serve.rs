@@ -51,6 +51,8 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Assembled> {
         batch_wait: std::time::Duration::from_micros(u64::from(cfg.batch_wait_us)),
         analyzer: cfg.analyzer_options(),
         limits: cfg.image_limits(),
+        timeout: cfg.inference_timeout,
+        ..EngineConfig::default()
     };
     let engine = {
         let runtime = Arc::clone(&runtime);

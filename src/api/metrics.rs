@@ -66,6 +66,17 @@ fn render_engine(out: &mut Exposition, s: &EngineStats) {
     );
     out.gauge("facerec_engine_workers", "Inference workers running.", s.live_workers as f64);
     out.gauge("facerec_engine_busy_workers", "Inference workers computing a batch now.", s.busy_workers as f64);
+    out.gauge(
+        "facerec_engine_serving_workers",
+        "Inference workers able to take work: running and not busy past INFERENCE_TIMEOUT.",
+        s.serving_workers as f64,
+    );
+    out.counter("facerec_engine_worker_restarts_total", "Inference workers replaced after a panic.", s.worker_restarts);
+    out.counter(
+        "facerec_engine_jobs_timed_out_total",
+        "Images whose caller stopped waiting at INFERENCE_TIMEOUT (503 inference_timeout).",
+        s.jobs_timed_out,
+    );
     out.counter("facerec_engine_jobs_accepted_total", "Images admitted to the inference queue.", s.jobs_accepted);
     out.counter("facerec_engine_jobs_rejected_total", "Images refused because the queue was full (429 overloaded).", s.jobs_rejected);
     out.header(

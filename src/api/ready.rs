@@ -78,7 +78,13 @@ pub struct Checks {
 )]
 pub async fn ready(State(st): State<Arc<AppState>>) -> Response {
     let stats = st.service.engine().stats();
-    let models = if stats.live_workers > 0 { Ok(()) } else { Err(("no inference worker is running", "all workers stopped".to_owned())) };
+    let models = if stats.serving_workers > 0 {
+        Ok(())
+    } else if stats.live_workers > 0 {
+        Err(("no inference worker is serving", format!("{} workers busy past INFERENCE_TIMEOUT", stats.live_workers)))
+    } else {
+        Err(("no inference worker is running", "all workers stopped or being replaced".to_owned()))
+    };
     let (store, inference) = tokio::join!(check_store(&st), check_inference(&st));
     let mut failed = Vec::new();
     let mut show = |name: &str, r: Result<(), (&'static str, String)>| match r {

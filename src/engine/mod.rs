@@ -12,6 +12,7 @@
 //! request its queue and inference times.
 
 mod queue;
+mod supervise;
 pub mod timing;
 
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,8 @@ use crate::face::image::{DecodedImage, ImageKind, ImageLimits, decode};
 use crate::face::{AnalyzerOptions, Face, FaceAnalyzer, FaceError, PackFiles, Prepared, StageTimes};
 use crate::runtime::{ActiveBackend, ActiveProvider, Runtime};
 use queue::{JobQueue, Pushed};
+pub use supervise::FaultHooks;
+use supervise::{Faults, Slots};
 
 /// Engine sizing.
 #[derive(Debug, Clone)]
@@ -39,6 +42,19 @@ pub struct EngineConfig {
     pub batch_wait: Duration,
     pub analyzer: AnalyzerOptions,
     pub limits: ImageLimits,
+    /// How long a caller waits for its job (INFERENCE_TIMEOUT): past it the caller gets
+    /// [`EngineError::Timeout`], the job is withdrawn, and a worker still computing it is not
+    /// counted as serving (`/ready` says 503) until it is done.
+    pub timeout: Duration,
+    /// Faults injected into the workers: none, except in tests ([`EngineConfig::with_faults`]).
+    pub faults: FaultHooks,
+}
+
+impl EngineConfig {
+    /// The same, with `faults` injected into the workers (for tests).
+    pub fn with_faults(self, faults: FaultHooks) -> EngineConfig {
+        EngineConfig { faults, ..self }
+    }
 }
 
 impl Default for EngineConfig {
@@ -51,6 +67,8 @@ impl Default for EngineConfig {
             batch_wait: Duration::ZERO,
             analyzer: AnalyzerOptions::default(),
             limits: ImageLimits::default(),
+            timeout: Duration::from_secs(30),
+            faults: FaultHooks::default(),
         }
     }
 }
@@ -63,9 +81,15 @@ pub enum EngineError {
     /// The queue is full: try again later.
     #[error("the inference queue is full")]
     Overloaded,
-    /// The engine stopped (shutdown or a worker died).
+    /// The engine stopped (shutdown).
     #[error("the inference engine has stopped")]
     Stopped,
+    /// The worker computing the job failed (panicked) and was replaced; the job was lost.
+    #[error("the inference worker failed while computing this image and was replaced")]
+    WorkerFailed,
+    /// The job was not answered within the engine's deadline (INFERENCE_TIMEOUT); withdrawn.
+    #[error("inference took longer than {0:?}")]
+    Timeout(Duration),
     /// Inference failed: a bug or a broken model.
     #[error("inference failed: {0}")]
     Internal(String),
@@ -125,8 +149,14 @@ pub struct EngineStats {
     pub queue_depth: usize,
     /// Workers computing a batch now.
     pub busy_workers: usize,
-    /// Workers still running (fewer than `workers` only after a crash).
+    /// Workers running (fewer than `workers` while one is being replaced after a panic).
     pub live_workers: usize,
+    /// Workers able to take work now: running, and not busy past the deadline.
+    pub serving_workers: usize,
+    /// Workers replaced after a panic.
+    pub worker_restarts: u64,
+    /// Jobs whose caller stopped waiting at the deadline (503 `inference_timeout`).
+    pub jobs_timed_out: u64,
     /// Jobs admitted to the queue.
     pub jobs_accepted: u64,
     /// Jobs refused because the queue was full (429 `overloaded`).
@@ -169,6 +199,8 @@ struct Shared {
     queue: Arc<JobQueue<Job>>,
     counters: Arc<Counters>,
     info: ModelInfo,
+    slots: Arc<Slots>,
+    timeout: Duration,
     /// The worker threads, joined by [`Engine::shutdown`].
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
@@ -187,8 +219,15 @@ pub struct Engine {
 
 /// What a worker needs besides its analyzer.
 struct WorkerCtx {
+    id: usize,
     queue: Arc<JobQueue<Job>>,
     counters: Arc<Counters>,
+    slots: Arc<Slots>,
+    faults: Arc<Faults>,
+    /// To rebuild the analyzer after a panic.
+    runtime: Arc<Runtime>,
+    files: PackFiles,
+    analyzer: AnalyzerOptions,
     limits: ImageLimits,
     batch_size: usize,
     batch_wait: Duration,
@@ -224,10 +263,18 @@ impl Engine {
             }),
         });
         let mut threads = Vec::with_capacity(workers);
+        let slots = Arc::new(Slots::new(workers));
+        let faults = Arc::new(Faults::new(cfg.faults.clone()));
         for (i, analyzer) in analyzers.into_iter().enumerate() {
             let ctx = WorkerCtx {
+                id: i,
                 queue: Arc::clone(&queue),
                 counters: Arc::clone(&counters),
+                slots: Arc::clone(&slots),
+                faults: Arc::clone(&faults),
+                runtime: Arc::clone(&runtime),
+                files: info.files.clone(),
+                analyzer: cfg.analyzer,
                 limits: cfg.limits,
                 batch_size,
                 batch_wait: cfg.batch_wait,
@@ -239,7 +286,8 @@ impl Engine {
             threads.push(handle);
             counters.update(|s| s.live_workers += 1);
         }
-        Ok(Engine { shared: Arc::new(Shared { queue, counters, info, threads: Mutex::new(threads) }) })
+        let timeout = cfg.timeout;
+        Ok(Engine { shared: Arc::new(Shared { queue, counters, info, slots, timeout, threads: Mutex::new(threads) }) })
     }
 
     /// Stops taking work, lets the workers finish what is queued and waits for their threads
@@ -273,6 +321,7 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         let mut s = self.shared.counters.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
         s.queue_depth = self.shared.queue.len();
+        s.serving_workers = self.shared.slots.serving(self.shared.timeout);
         s
     }
 
@@ -290,27 +339,44 @@ impl Engine {
             }
             Pushed::Closed(_) => return Err(EngineError::Stopped),
         }
-        match rx.await {
-            Ok(reply) => {
+        match tokio::time::timeout(self.shared.timeout, rx).await {
+            Ok(Ok(reply)) => {
                 timing::record(reply.queued, reply.inference);
                 reply.result
             }
-            Err(_) => Err(EngineError::Stopped),
+            // The reply channel was dropped unanswered: the worker panicked on this job.
+            Ok(Err(_)) => Err(EngineError::WorkerFailed),
+            // Dropping `rx` withdraws the job: a worker that has not started it skips it.
+            Err(_) => {
+                self.shared.counters.update(|s| s.jobs_timed_out += 1);
+                Err(EngineError::Timeout(self.shared.timeout))
+            }
         }
     }
 }
 
-/// Marks a worker gone when its thread ends, by return or by panic.
+/// Marks a worker gone when its thread ends.
 struct LiveGuard(Arc<Counters>);
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        self.0.update(|s| {
-            s.live_workers = s.live_workers.saturating_sub(1);
-            if std::thread::panicking() {
-                s.busy_workers = s.busy_workers.saturating_sub(1);
-            }
-        });
+        self.0.update(|s| s.live_workers = s.live_workers.saturating_sub(1));
+    }
+}
+
+/// Counts a worker busy while it computes a batch, however the batch ends (a panic included).
+struct BusyGuard<'a>(&'a Counters);
+
+impl<'a> BusyGuard<'a> {
+    fn new(c: &'a Counters) -> BusyGuard<'a> {
+        c.update(|s| s.busy_workers += 1);
+        BusyGuard(c)
+    }
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.update(|s| s.busy_workers = s.busy_workers.saturating_sub(1));
     }
 }
 
@@ -325,13 +391,25 @@ struct InFlight {
     prepared: Prepared,
 }
 
-fn worker(mut analyzer: FaceAnalyzer, ctx: WorkerCtx) {
+/// A worker thread: batches until the queue closes, supervised ([`supervise`]): a panic is
+/// caught, the analyzer rebuilt, and the worker serves on.
+fn worker(analyzer: FaceAnalyzer, ctx: WorkerCtx) {
     let _live = LiveGuard(Arc::clone(&ctx.counters));
-    while let Some(first) = ctx.queue.pop() {
-        ctx.counters.update(|s| s.busy_workers += 1);
-        run_batch(&mut analyzer, &ctx, first);
-        ctx.counters.update(|s| s.busy_workers -= 1);
-    }
+    supervise::supervise(
+        ctx.id,
+        &ctx.slots,
+        &ctx.counters,
+        analyzer,
+        |analyzer, busy| {
+            let first = ctx.queue.pop()?;
+            busy();
+            let _busy = BusyGuard::new(&ctx.counters);
+            run_batch(analyzer, &ctx, first);
+            Some(())
+        },
+        || FaceAnalyzer::from_files(&ctx.runtime, ctx.files.clone(), ctx.analyzer),
+        || ctx.queue.is_closed(),
+    );
 }
 
 /// Gathers a micro-batch starting with `first`, detects each image as it is taken, embeds
@@ -353,6 +431,7 @@ fn run_batch(analyzer: &mut FaceAnalyzer, ctx: &WorkerCtx, first: Job) {
             cancelled += 1; // the caller went away: do not compute
         } else {
             queue_time += queued;
+            ctx.faults.before_job();
             let mut times = StageTimes::default();
             match prepare(analyzer, &job.bytes, &ctx.limits, &mut times) {
                 Ok((kind, size, prepared)) => {
@@ -465,7 +544,7 @@ fn prepare(
     let DecodedImage { rgb, kind } = decode(bytes, limits).map_err(EngineError::Image)?;
     times.decode = t.elapsed();
     let prepared = analyzer.prepare(&rgb, times).map_err(|e| match e {
-        e @ (FaceError::InvalidImage(_) | FaceError::ImageTooLarge { .. }) => EngineError::Image(e),
+        e @ (FaceError::InvalidImage(_) | FaceError::ImageTooLarge { .. } | FaceError::TooCostly(_)) => EngineError::Image(e),
         other => EngineError::Internal(other.to_string()),
     })?;
     Ok((kind, rgb.dimensions(), prepared))

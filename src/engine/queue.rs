@@ -92,6 +92,11 @@ impl<T> JobQueue<T> {
         self.lock().items.len()
     }
 
+    /// Whether [`JobQueue::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// Refuses new items; consumers drain what is left, then get `None`.
     pub fn close(&self) {
         self.lock().closed = true;

@@ -8,6 +8,7 @@ use std::io::Cursor;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 
 use super::FaceError;
+use super::budget::DecodeBudget;
 
 /// Limits applied while decoding. Checked against the header before decoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,13 +71,22 @@ pub struct DecodedImage {
     pub kind: ImageKind,
 }
 
-/// Decodes `bytes` to upright 8-bit RGB within `limits`.
+/// Decodes `bytes` to upright 8-bit RGB within `limits` and the default [`DecodeBudget`].
 pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage, FaceError> {
+    decode_within(bytes, limits, &DecodeBudget::default())
+}
+
+/// Decodes `bytes` to upright 8-bit RGB within `limits` and `budget`: a JPEG's scans and CPU
+/// time are watched while libjpeg decodes ([`super::jpeg`]), a PNG's metadata chunks are
+/// dropped unread ([`super::png`]), and the decoded buffer (16-bit and alpha samples count)
+/// is checked against the budget from the header, before it is allocated.
+pub fn decode_within(bytes: &[u8], limits: &ImageLimits, budget: &DecodeBudget) -> Result<DecodedImage, FaceError> {
     if bytes.is_empty() {
         return Err(FaceError::InvalidImage("empty input: no image bytes".into()));
     }
     let kind = sniff(bytes).ok_or_else(|| FaceError::InvalidImage("not a supported image: expected JPEG, PNG, WebP or BMP".into()))?;
-    let mut reader = ImageReader::new(Cursor::new(bytes));
+    let stripped = if kind == ImageKind::Png { super::png::strip_metadata(bytes) } else { std::borrow::Cow::Borrowed(bytes) };
+    let mut reader = ImageReader::new(Cursor::new(stripped.as_ref()));
     reader.set_format(match kind {
         ImageKind::Jpeg => ImageFormat::Jpeg,
         ImageKind::Png => ImageFormat::Png,
@@ -88,16 +98,25 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage, FaceEr
     // the dimensions in the message. `max_alloc` still bounds every allocation made while
     // decoding: the decoded buffer (up to 16-bit RGBA) plus the decoder's working memory.
     let mut lim = Limits::default();
-    lim.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    let max_decoded = limits.max_pixels.saturating_mul(budget.max_decoded_bytes_per_pixel);
+    lim.max_alloc = Some(max_decoded.saturating_add(64 << 20));
     reader.limits(lim);
     let mut decoder = reader.into_decoder().map_err(|e| map_image_error(e, limits))?;
     let (w, h) = decoder.dimensions();
     check_size(w, h, limits)?;
+    if decoder.total_bytes() > max_decoded {
+        return Err(FaceError::TooCostly(format!(
+            "{w}x{h} pixels of {:?} need {} MB decoded, more than the {} MB allowed (16-bit and alpha samples count)",
+            decoder.color_type(),
+            decoder.total_bytes() >> 20,
+            max_decoded >> 20
+        )));
+    }
     // A broken EXIF block must not reject an otherwise fine photo: treat it as upright.
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = match kind {
         // The header was read and checked above; the pixels come from libjpeg.
-        ImageKind::Jpeg => match decode_jpeg_libjpeg(bytes, limits)? {
+        ImageKind::Jpeg => match super::jpeg::decode_libjpeg(bytes, limits, budget)? {
             Some(rgb) => DynamicImage::ImageRgb8(rgb),
             None => DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(e, limits))?,
         },
@@ -107,71 +126,7 @@ pub fn decode(bytes: &[u8], limits: &ImageLimits) -> Result<DecodedImage, FaceEr
     Ok(DecodedImage { rgb: to_rgb8_like_opencv(img), kind })
 }
 
-thread_local! {
-    /// Set by [`jpeg_warning`] when libjpeg reports that the data ended early.
-    static JPEG_TRUNCATED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// libjpeg's warning hook: notes a premature end of data, ignores the rest (as OpenCV does).
-extern "C-unwind" fn jpeg_warning(cinfo: &mut mozjpeg_sys::jpeg_common_struct, level: std::os::raw::c_int) {
-    // SAFETY: libjpeg calls this hook with `err` pointing at the error manager it was given.
-    let code = unsafe { cinfo.err.as_ref() }.map_or(0, |e| e.msg_code);
-    if level < 0 && code == mozjpeg_sys::JWRN_JPEG_EOF as std::os::raw::c_int {
-        JPEG_TRUNCATED.with(|t| t.set(true));
-    }
-}
-
-/// libjpeg's fatal-error hook: unwinds (without the panic hook) to the `catch_unwind` below.
-extern "C-unwind" fn jpeg_error(cinfo: &mut mozjpeg_sys::jpeg_common_struct) {
-    // SAFETY: as above.
-    let code = unsafe { cinfo.err.as_ref() }.map_or(0, |e| e.msg_code);
-    std::panic::resume_unwind(Box::new(format!("libjpeg error {code}")));
-}
-
-/// Decodes a JPEG to RGB with libjpeg (islow IDCT, fancy upsampling: OpenCV's defaults).
-/// `Ok(None)` for colour spaces libjpeg cannot turn into RGB (CMYK, YCCK).
-/// libjpeg reads the header itself: its size is checked against `limits` again before any
-/// pixel buffer is allocated, in case it reads a different frame header than the one checked.
-fn decode_jpeg_libjpeg(bytes: &[u8], limits: &ImageLimits) -> Result<Option<RgbImage>, FaceError> {
-    let invalid = |m: String| FaceError::InvalidImage(format!("could not decode JPEG: {m}"));
-    JPEG_TRUNCATED.with(|t| t.set(false));
-    // Width, height and RGB rows; `None` for a colour space libjpeg cannot turn into RGB.
-    type Pixels = Option<(usize, usize, Vec<u8>)>;
-    let result = std::panic::catch_unwind(|| -> std::io::Result<Result<Pixels, FaceError>> {
-        // SAFETY: a zeroed error manager is what jpeg_std_error expects to fill in.
-        let mut err: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
-        // SAFETY: `err` is a valid, exclusively borrowed error manager.
-        unsafe { mozjpeg_sys::jpeg_std_error(&mut err) };
-        err.error_exit = Some(jpeg_error);
-        err.emit_message = Some(jpeg_warning);
-        let d = mozjpeg::Decompress::with_err(err).from_mem(bytes)?;
-        let side = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
-        if let Err(e) = check_size(side(d.width()), side(d.height()), limits) {
-            return Ok(Err(e));
-        }
-        if matches!(d.color_space(), mozjpeg_sys::J_COLOR_SPACE::JCS_CMYK | mozjpeg_sys::J_COLOR_SPACE::JCS_YCCK) {
-            return Ok(Ok(None));
-        }
-        let mut started = d.rgb()?;
-        let (w, h) = (started.width(), started.height());
-        let data: Vec<u8> = started.read_scanlines()?;
-        started.finish()?;
-        Ok(Ok(Some((w, h, data))))
-    });
-    let decoded = match result {
-        Ok(Ok(v)) => v?,
-        Ok(Err(e)) => return Err(invalid(e.to_string())),
-        Err(panic) => return Err(invalid(panic.downcast_ref::<String>().cloned().unwrap_or_else(|| "corrupt data".into()))),
-    };
-    if JPEG_TRUNCATED.with(|t| t.get()) {
-        return Err(FaceError::InvalidImage("truncated JPEG: the data ends before the image does".into()));
-    }
-    let Some((w, h, data)) = decoded else { return Ok(None) };
-    let (w, h) = (u32::try_from(w).map_err(|_| invalid("width".into()))?, u32::try_from(h).map_err(|_| invalid("height".into()))?);
-    RgbImage::from_raw(w, h, data).map(Some).ok_or_else(|| invalid("short pixel buffer".into()))
-}
-
-fn check_size(w: u32, h: u32, limits: &ImageLimits) -> Result<(), FaceError> {
+pub(super) fn check_size(w: u32, h: u32, limits: &ImageLimits) -> Result<(), FaceError> {
     if w == 0 || h == 0 {
         return Err(FaceError::InvalidImage(format!("image has no pixels ({w}x{h})")));
     }

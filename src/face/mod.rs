@@ -4,9 +4,12 @@
 //! one detector and one recognizer session and is used by one thread at a time.
 
 pub mod align;
+pub mod budget;
 pub mod detector;
 pub mod image;
+mod jpeg;
 pub mod pack;
+mod png;
 pub mod recognizer;
 pub mod resample;
 
@@ -31,6 +34,10 @@ pub enum FaceError {
     /// The image header declares more pixels than allowed; nothing was decoded.
     #[error("image too large: {width}x{height} pixels (limits: {max_side} px per side, {max_pixels} px in all)")]
     ImageTooLarge { width: u32, height: u32, max_side: u32, max_pixels: u64 },
+    /// Decoding would cost more than the budget allows (scans, CPU time, decoded bytes);
+    /// nothing more is decoded. Answered like an oversized image (413 `image_too_large`).
+    #[error("image too costly to decode: {0}")]
+    TooCostly(String),
     /// A model could not run, or answered in an unexpected shape.
     #[error("model error: {0}")]
     Model(String),

@@ -101,8 +101,9 @@ impl Service {
         let mut outcomes: Vec<Option<Outcome>> = (0..n).map(|_| None).collect();
         while let Some(joined) = tasks.join_next().await {
             let (i, outcome) = joined.map_err(ApiError::internal)?;
+            // A full queue or a stuck engine: the whole request is refused (it may be retried).
             if let Err(e) = &outcome.result
-                && e.code == ErrorCode::Overloaded
+                && matches!(e.code, ErrorCode::Overloaded | ErrorCode::InferenceTimeout)
             {
                 tasks.abort_all();
                 return Err(e.clone());
@@ -189,7 +190,7 @@ impl Service {
                         skipped.push((i, SkippedFile { file: name, code: e.code, message: e.message }));
                         continue;
                     }
-                    if e.code != ErrorCode::Overloaded && e.code != ErrorCode::Internal {
+                    if !matches!(e.code, ErrorCode::Overloaded | ErrorCode::InferenceTimeout | ErrorCode::Internal) {
                         e.message = format!("{name}: {}", e.message);
                     }
                     if first_error.as_ref().is_none_or(|(j, _)| i < *j) {
