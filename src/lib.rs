@@ -25,3 +25,4 @@ pub mod runtime;
 pub mod serve;
 pub mod service;
 pub mod store;
+pub mod stream;

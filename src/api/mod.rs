@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod observe;
 pub mod ready;
 pub mod recognize;
+pub mod stream;
 pub mod timing;
 pub mod users;
 
@@ -43,11 +44,20 @@ pub struct AppState {
     pub legacy_status: LegacyStatus,
     /// The last /recognize answer's `meta` (`{}` before the first).
     pub metadata: std::sync::RwLock<serde_json::Value>,
+    /// `/api/stream`'s limits and open streams (defaults unless set after [`AppState::new`]).
+    pub streams: crate::stream::Streams,
 }
 
 impl AppState {
     pub fn new(service: Arc<Service>, auth: Arc<auth::AuthConfig>, limits: RequestLimits, legacy_status: LegacyStatus) -> AppState {
-        AppState { service, auth, limits, legacy_status, metadata: std::sync::RwLock::new(serde_json::json!({})) }
+        AppState {
+            service,
+            auth,
+            limits,
+            legacy_status,
+            metadata: std::sync::RwLock::new(serde_json::json!({})),
+            streams: Default::default(),
+        }
     }
 }
 
@@ -77,6 +87,7 @@ every other error carries a stable `code`."
         health::health,
         ready::ready,
         metrics::metrics,
+        stream::stream,
     ),
     components(schemas(error::ErrorBody, error::ErrorCode, error::EntryError, recognize::SkippedFile)),
     modifiers(&SecuritySchemes),
@@ -156,7 +167,9 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/", get(landing))
         .route("/health", get(health::health))
         .route("/ready", get(ready::ready))
-        .route("/metrics", get(metrics::metrics));
+        .route("/metrics", get(metrics::metrics))
+        // Authenticates itself (first message or Sec-WebSocket-Protocol: browsers set no headers).
+        .route("/api/stream", get(stream::stream));
     let api = protected.merge(public).with_state(state).layer(axum::middleware::from_fn(timing::engine_timing));
     // The reference pages run only their own scripts (compiled into the binary).
     let reference = Router::new()
