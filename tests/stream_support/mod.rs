@@ -132,10 +132,10 @@ pub async fn run_stream(port: u16, frames: &[Vec<u8>], plan: &ClientPlan) -> Run
     let pad = "p".repeat(plan.pad);
     let period = Duration::from_secs_f64(1.0 / plan.fps);
     let sender = tokio::spawn(async move {
-        if let Some(h) = hello {
-            if tx.send(Message::Text(h.to_string().into())).await.is_err() {
-                return (tx, 0);
-            }
+        if let Some(h) = hello
+            && tx.send(Message::Text(h.to_string().into())).await.is_err()
+        {
+            return (tx, 0);
         }
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
