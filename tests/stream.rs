@@ -181,3 +181,52 @@ fn limits_and_credentials_close_with_their_codes() {
     let m = server.get("/metrics").text();
     assert!(metric(&m, "facerec_stream_refused_total") >= 4.0, "{m}");
 }
+
+/// 8 streams at 10 frames a second of the 640x480 scene, for 10 s: per-frame latency (the server's
+/// `total_ms`: arrival to answer) p50 and p99, drops, and the engine's busy share (what bounds it).
+#[test]
+#[ignore = "a measurement that prints figures (about 15 s)"]
+fn eight_streams_at_ten_frames_a_second() {
+    let dir = TempDir::new("stream-eight");
+    let server = Server::start(dir.path());
+    enrol(&server, TOP, TOP_ENROL);
+    enrol(&server, BOTTOM, BOTTOM_ENROL);
+    let frames = scene(100);
+    let rt = runtime();
+    let busy = |m: &str| metric(m, "facerec_engine_busy_seconds_total");
+    let before = busy(&server.get("/metrics").text());
+    let started = std::time::Instant::now();
+    let runs = rt.block_on(async {
+        let plan = ClientPlan { fps: 10.0, ..ClientPlan::default() };
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (frames, plan, port) = (frames.clone(), plan.clone(), server.port);
+                tokio::spawn(async move { run_stream(port, &frames, &plan).await })
+            })
+            .collect();
+        let mut runs = Vec::new();
+        for t in tasks {
+            runs.push(t.await.expect("stream task"));
+        }
+        runs
+    });
+    let wall = started.elapsed().as_secs_f64();
+    let busy_share = (busy(&server.get("/metrics").text()) - before) / wall;
+    let mut total: Vec<f64> = runs.iter().flat_map(|r| r.answers.iter().filter_map(|a| a["timings"]["total_ms"].as_f64())).collect();
+    let mut detect: Vec<f64> = runs.iter().flat_map(|r| r.answers.iter().filter_map(|a| a["timings"]["detect_ms"].as_f64())).collect();
+    total.sort_by(f64::total_cmp);
+    detect.sort_by(f64::total_cmp);
+    let pct = |v: &[f64], p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+    let answered: usize = runs.iter().map(|r| r.answers.len()).sum();
+    let dropped: u64 = runs.iter().map(|r| r.dropped()).sum();
+    assert_eq!(answered as u64 + dropped, 800, "every frame answered or counted dropped");
+    eprintln!(
+        "8 streams x 100 frames at 10/s in {wall:.1}s: {answered} answered, {dropped} dropped; per-frame total p50 {:.0} ms, \
+         p99 {:.0} ms; detect (queue + decode + detection) p50 {:.0} ms, p99 {:.0} ms; engine busy {:.0}% of the wall time",
+        pct(&total, 0.5),
+        pct(&total, 0.99),
+        pct(&detect, 0.5),
+        pct(&detect, 0.99),
+        100.0 * busy_share
+    );
+}
