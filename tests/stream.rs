@@ -139,6 +139,7 @@ fn limits_and_credentials_close_with_their_codes() {
         dir.path(),
         &[("API_KEYS", "k-stream-1"), ("STREAM_MAX_FRAME_BYTES", "60000"), ("STREAM_MAX_FPS", "5"), ("STREAM_MAX_STREAMS", "1")],
     );
+    assert_eq!(server.get("/recognitions").status, 401, "protected like /metadata");
     let rt = runtime();
     let frames = scene(12);
     let small: Vec<Vec<u8>> = frames.iter().take(12).cloned().collect();
@@ -229,4 +230,58 @@ fn eight_streams_at_ten_frames_a_second() {
         pct(&detect, 0.99),
         100.0 * busy_share
     );
+}
+
+#[test]
+fn logged_identifications_are_listed_by_recognitions_with_their_crops() {
+    use base64::Engine as _;
+    let dir = TempDir::new("stream-log");
+    let server = Server::start(dir.path());
+    enrol(&server, TOP, TOP_ENROL);
+    enrol(&server, BOTTOM, BOTTOM_ENROL);
+    // One /recognize first: the oldest entry.
+    let crop = base64::engine::general_purpose::STANDARD.encode(fixture("img11.jpg"));
+    let r = server.post_json("/recognize", &json!({"camera": "gate", "bboxes": [{"bbox": [0, 0, 10, 10], "crop": crop}]}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let frames = scene(20);
+    let plan = ClientPlan { hello: Some(json!({"log": true})), ..ClientPlan::default() };
+    let run = runtime().block_on(run_stream(server.port, &frames, &plan));
+    let identified: u64 = run.answers.iter().map(|a| a["identified"].as_u64().unwrap_or(0)).sum();
+    let logged_frames = run.answers.iter().filter(|a| a["identified"].as_u64().unwrap_or(0) > 0).count();
+    assert!(identified >= 2, "{identified}");
+    let page = server.get("/recognitions?limit=200").json();
+    let items = page["items"].as_array().expect("items");
+    assert_eq!(items.len(), logged_frames + 1, "{page}");
+    assert_eq!(page["next_before"], Value::Null);
+    let ids: Vec<u64> = items.iter().map(|i| i["id"].as_u64().expect("id")).collect();
+    assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first: {ids:?}");
+    let oldest = items.last().expect("the /recognize entry");
+    assert_eq!(oldest["source"], "recognize");
+    assert_eq!(oldest["fields"]["camera"], "gate");
+    assert_eq!(oldest["faces"][0]["name"], TOP, "{oldest}");
+    let newest = &items[0];
+    assert_eq!(newest["source"], "stream", "{newest}");
+    let names: BTreeSet<&str> =
+        items[..logged_frames].iter().flat_map(|i| i["faces"].as_array().unwrap().iter()).filter_map(|f| f["name"].as_str()).collect();
+    assert_eq!(names, BTreeSet::from([TOP, BOTTOM]));
+    for item in items {
+        let url = item["faces"][0]["crop_url"].as_str().expect("crop_url");
+        let img = server.get(url);
+        assert_eq!(img.status, 200, "{url}");
+        let decoded = image::load_from_memory(&img.body).expect("the crop is an image");
+        if item["source"] == "stream" {
+            assert_eq!((decoded.width(), decoded.height()), (112, 112), "the aligned face");
+            assert_eq!(img.header("content-type"), Some("image/png"));
+        }
+    }
+    // Pages: one at a time, the cursor going back.
+    let first = server.get("/recognitions?limit=1").json();
+    let before = first["next_before"].as_u64().expect("a next page");
+    assert_eq!(before, ids[0]);
+    let second = server.get(&format!("/recognitions?limit=1&before={before}")).json();
+    assert_eq!(second["items"][0]["id"].as_u64(), Some(ids[1]));
+    assert_eq!(server.get("/recognitions?limit=0").status, 400);
+    assert_eq!(server.get(&format!("/recognitions/{}/crops/9", ids[0])).status, 404);
+    assert_eq!(server.get("/recognitions/1/crops/0").status, 404, "not a line start");
+    eprintln!("log: {} frames answered, {logged_frames} logged with {identified} identified faces", run.answers.len());
 }

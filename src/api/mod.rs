@@ -12,6 +12,7 @@ pub mod health;
 pub mod metrics;
 pub mod observe;
 pub mod ready;
+pub mod recognitions;
 pub mod recognize;
 pub mod stream;
 pub mod timing;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub metadata: std::sync::RwLock<serde_json::Value>,
     /// `/api/stream`'s limits and open streams (defaults unless set after [`AppState::new`]).
     pub streams: crate::stream::Streams,
+    /// The audit log `/recognitions` reads (LOG_FILE; set after [`AppState::new`]).
+    pub audit_log: std::path::PathBuf,
 }
 
 impl AppState {
@@ -57,6 +60,7 @@ impl AppState {
             legacy_status,
             metadata: std::sync::RwLock::new(serde_json::json!({})),
             streams: Default::default(),
+            audit_log: crate::audit::DEFAULT_LOG_FILE.into(),
         }
     }
 }
@@ -88,8 +92,10 @@ every other error carries a stable `code`."
         ready::ready,
         metrics::metrics,
         stream::stream,
+        recognitions::list,
+        recognitions::crop,
     ),
-    components(schemas(error::ErrorBody, error::ErrorCode, error::EntryError, recognize::SkippedFile)),
+    components(schemas(recognitions::RecognitionsPage, error::ErrorBody, error::ErrorCode, error::EntryError, recognize::SkippedFile)),
     modifiers(&SecuritySchemes),
     tags(
         (name = "recognition", description = "The original contract: recognise face crops, enrol users"),
@@ -156,6 +162,8 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     let protected = Router::new()
         .route("/recognize", post(recognize::recognize))
         .route("/metadata", get(recognize::metadata))
+        .route("/recognitions", get(recognitions::list))
+        .route("/recognitions/{id}/crops/{n}", get(recognitions::crop))
         .route("/users", post(users::create_user).get(users::list_users))
         .route("/users/{username}", delete(users::delete_user))
         .route("/api/face", get(faces::list_faces))

@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use ::image::RgbImage;
+use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
 use super::Service;
@@ -118,31 +119,31 @@ impl Service {
     }
 
     /// Records a frame's identified faces in the audit trail: a line shaped like `/recognize`'s
-    /// (`bboxes` with `name` and `similarity`, plus `source`, `frame_id`, `track_id` and the
-    /// client's fields) and each face's aligned crop (PNG) under its name.
+    /// (`bboxes` with `name`, `similarity` and the face's aligned crop as base64 PNG, plus `source`,
+    /// `frame_id`, `track_id` and the client's fields) and each crop under its name in the photo folder.
     async fn log_stream_frame(&self, frame_id: u64, faces: &[StreamFace], crops: Vec<RgbImage>, extra: &Map<String, Value>) {
         let identified: Vec<&StreamFace> = faces.iter().filter(|f| f.identified).collect();
+        let pngs: Vec<Option<Vec<u8>>> = crops
+            .into_iter()
+            .map(|img| {
+                let mut png = Vec::new();
+                img.write_to(&mut std::io::Cursor::new(&mut png), ::image::ImageFormat::Png).ok().map(|_| png)
+            })
+            .collect();
         let mut line = extra.clone();
         line.insert("source".into(), json!("stream"));
         line.insert("frame_id".into(), json!(frame_id));
-        line.insert(
-            "bboxes".into(),
-            Value::Array(
-                identified
-                    .iter()
-                    .map(|f| json!({"bbox": f.bbox, "track_id": f.track_id, "det_score": f.det_score, "name": f.name, "similarity": f.similarity}))
-                    .collect(),
-            ),
-        );
-        let crops = identified
+        let entries = identified
             .iter()
-            .zip(crops)
-            .filter_map(|(f, img)| {
-                let mut png = Vec::new();
-                img.write_to(&mut std::io::Cursor::new(&mut png), ::image::ImageFormat::Png).ok()?;
-                Some(Crop { name: f.name.clone(), bytes: png, ext: "png" })
+            .zip(&pngs)
+            .map(|(f, png)| {
+                let crop = png.as_ref().map(|p| base64::engine::general_purpose::STANDARD.encode(p));
+                json!({"bbox": f.bbox, "track_id": f.track_id, "det_score": f.det_score, "name": f.name, "similarity": f.similarity, "crop": crop})
             })
             .collect();
+        line.insert("bboxes".into(), Value::Array(entries));
+        let crops =
+            identified.iter().zip(pngs).filter_map(|(f, png)| png.map(|bytes| Crop { name: f.name.clone(), bytes, ext: "png" })).collect();
         if let Err(e) = self.audit.record(AuditRecord { line: Value::Object(line), crops }).await {
             tracing::debug!(error = %e, "stream frame answered without its full audit record");
         }
