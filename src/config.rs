@@ -367,6 +367,9 @@ pub struct ServeConfig {
     pub jwt_issuer: Option<String>,
 
     #[command(flatten)]
+    pub stream: crate::stream::StreamConfig,
+
+    #[command(flatten)]
     pub models: ModelConfig,
 }
 

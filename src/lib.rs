@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod audit_read;
 pub mod bench;
 pub mod bench_recognize;
 pub mod civil;
@@ -25,3 +26,4 @@ pub mod runtime;
 pub mod serve;
 pub mod service;
 pub mod store;
+pub mod stream;

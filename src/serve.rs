@@ -105,7 +105,10 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Assembled> {
     );
     // A shared store (MongoDB): follow the other replicas' writes into both indexes.
     service.follow().await.context("following other replicas' writes")?;
-    let state = Arc::new(AppState::new(service, auth, cfg.request_limits(), cfg.legacy_status));
+    let mut state = AppState::new(service, auth, cfg.request_limits(), cfg.legacy_status);
+    state.streams = crate::stream::Streams::new(cfg.stream.clone());
+    state.audit_log = cfg.log_file.clone();
+    let state = Arc::new(state);
     Ok(Assembled { state, max_body_bytes: cfg.max_body_bytes })
 }
 

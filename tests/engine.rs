@@ -175,3 +175,23 @@ async fn a_full_queue_refuses_at_once() {
     assert_eq!(s.jobs_accepted as usize + refused, 3);
     assert!(results.iter().all(|r| r.is_ok() || matches!(r, Err(EngineError::Overloaded))));
 }
+
+/// `detect` finds the same faces as `analyze`, without embeddings, and `embed_faces` of its crops
+/// gives `analyze`'s embeddings: the stream's two steps are the one-shot pipeline split in two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detect_then_embed_faces_equals_analyze() {
+    let engine = engine(16, Duration::ZERO, 64);
+    let bytes = fixture("t1.jpg");
+    let whole = engine.analyze(bytes.clone()).await.expect("analyze");
+    let detected = engine.detect(bytes).await.expect("detect");
+    assert_eq!(detected.faces.len(), whole.faces.len());
+    assert_eq!(detected.crops.len(), detected.faces.len());
+    assert!(whole.crops.is_empty(), "analyze hands back no crops");
+    assert!(detected.faces.iter().all(|f| f.embedding.is_empty()), "detect embeds nothing");
+    let embeddings = engine.embed_faces(detected.crops.clone()).await.expect("embed");
+    for (i, (d, w)) in detected.faces.iter().zip(&whole.faces).enumerate() {
+        assert_eq!(d.bbox, w.bbox, "face {i}");
+        assert!(max_abs_diff(&embeddings[i], &w.embedding) < 1e-4, "face {i}");
+    }
+    assert!(engine.embed_faces(Vec::new()).await.expect("nothing to embed").is_empty());
+}

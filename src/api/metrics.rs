@@ -51,6 +51,7 @@ pub async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         svc.audit().failures(),
     );
     render_engine(&mut out, &svc.engine().stats());
+    crate::stream::metrics::global().render(&mut out);
     let mut resp = out.finish().into_response();
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(metrics::CONTENT_TYPE));
     resp

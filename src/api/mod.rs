@@ -12,7 +12,9 @@ pub mod health;
 pub mod metrics;
 pub mod observe;
 pub mod ready;
+pub mod recognitions;
 pub mod recognize;
+pub mod stream;
 pub mod timing;
 pub mod users;
 
@@ -43,11 +45,23 @@ pub struct AppState {
     pub legacy_status: LegacyStatus,
     /// The last /recognize answer's `meta` (`{}` before the first).
     pub metadata: std::sync::RwLock<serde_json::Value>,
+    /// `/api/stream`'s limits and open streams (defaults unless set after [`AppState::new`]).
+    pub streams: crate::stream::Streams,
+    /// The audit log `/recognitions` reads (LOG_FILE; set after [`AppState::new`]).
+    pub audit_log: std::path::PathBuf,
 }
 
 impl AppState {
     pub fn new(service: Arc<Service>, auth: Arc<auth::AuthConfig>, limits: RequestLimits, legacy_status: LegacyStatus) -> AppState {
-        AppState { service, auth, limits, legacy_status, metadata: std::sync::RwLock::new(serde_json::json!({})) }
+        AppState {
+            service,
+            auth,
+            limits,
+            legacy_status,
+            metadata: std::sync::RwLock::new(serde_json::json!({})),
+            streams: Default::default(),
+            audit_log: crate::audit::DEFAULT_LOG_FILE.into(),
+        }
     }
 }
 
@@ -77,8 +91,11 @@ every other error carries a stable `code`."
         health::health,
         ready::ready,
         metrics::metrics,
+        stream::stream,
+        recognitions::list,
+        recognitions::crop,
     ),
-    components(schemas(error::ErrorBody, error::ErrorCode, error::EntryError, recognize::SkippedFile)),
+    components(schemas(recognitions::RecognitionsPage, error::ErrorBody, error::ErrorCode, error::EntryError, recognize::SkippedFile)),
     modifiers(&SecuritySchemes),
     tags(
         (name = "recognition", description = "The original contract: recognise face crops, enrol users"),
@@ -145,6 +162,8 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
     let protected = Router::new()
         .route("/recognize", post(recognize::recognize))
         .route("/metadata", get(recognize::metadata))
+        .route("/recognitions", get(recognitions::list))
+        .route("/recognitions/{id}/crops/{n}", get(recognitions::crop))
         .route("/users", post(users::create_user).get(users::list_users))
         .route("/users/{username}", delete(users::delete_user))
         .route("/api/face", get(faces::list_faces))
@@ -156,7 +175,9 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/", get(landing))
         .route("/health", get(health::health))
         .route("/ready", get(ready::ready))
-        .route("/metrics", get(metrics::metrics));
+        .route("/metrics", get(metrics::metrics))
+        // Authenticates itself (first message or Sec-WebSocket-Protocol: browsers set no headers).
+        .route("/api/stream", get(stream::stream));
     let api = protected.merge(public).with_state(state).layer(axum::middleware::from_fn(timing::engine_timing));
     // The reference pages run only their own scripts (compiled into the binary).
     let reference = Router::new()

@@ -111,6 +111,19 @@ pub struct Analysis {
     pub inference: Duration,
     /// Images in the recognizer run that embedded this one.
     pub batch_jobs: usize,
+    /// The aligned crops of `faces`, in order: only for [`Engine::detect`] (whose faces have no
+    /// embedding yet; [`Engine::embed_faces`] embeds the crops the caller picks).
+    pub crops: Vec<RgbImage>,
+}
+
+/// What a job asks for.
+enum Task {
+    /// Decode, detect, align and embed every face.
+    Analyze(Vec<u8>),
+    /// Decode, detect and align; no embedding (the crops come back).
+    Detect(Vec<u8>),
+    /// Embed crops already aligned to the recognizer's input (batched with the other jobs).
+    Embed(Vec<RgbImage>),
 }
 
 /// A job's answer and its timing (also for failures, so they can be reported).
@@ -121,7 +134,7 @@ struct Reply {
 }
 
 struct Job {
-    bytes: Vec<u8>,
+    task: Task,
     enqueued: Instant,
     reply: oneshot::Sender<Reply>,
 }
@@ -330,8 +343,29 @@ impl Engine {
     /// before it completes withdraws the job: it is not computed. The times go to the
     /// current request's [`timing`] sink.
     pub async fn analyze(&self, bytes: Vec<u8>) -> Result<Analysis, EngineError> {
+        self.submit(Task::Analyze(bytes)).await
+    }
+
+    /// Decodes `bytes` and finds every face in it, aligned but NOT embedded: the faces'
+    /// embeddings are empty and [`Analysis::crops`] holds their aligned crops, for
+    /// [`Engine::embed_faces`]. What a video stream runs on every frame.
+    pub async fn detect(&self, bytes: Vec<u8>) -> Result<Analysis, EngineError> {
+        self.submit(Task::Detect(bytes)).await
+    }
+
+    /// The embeddings of crops aligned to the recognizer's input (as [`Engine::detect`] gives
+    /// them), in order; batched with the other jobs' faces.
+    pub async fn embed_faces(&self, crops: Vec<RgbImage>) -> Result<Vec<Vec<f32>>, EngineError> {
+        if crops.is_empty() {
+            return Ok(Vec::new());
+        }
+        let a = self.submit(Task::Embed(crops)).await?;
+        Ok(a.faces.into_iter().map(|f| f.embedding).collect())
+    }
+
+    async fn submit(&self, task: Task) -> Result<Analysis, EngineError> {
         let (reply, rx) = oneshot::channel();
-        match self.shared.queue.push(Job { bytes, enqueued: Instant::now(), reply }) {
+        match self.shared.queue.push(Job { task, enqueued: Instant::now(), reply }) {
             Pushed::Queued => self.shared.counters.update(|s| s.jobs_accepted += 1),
             Pushed::Full(_) => {
                 self.shared.counters.update(|s| s.jobs_rejected += 1);
@@ -419,6 +453,7 @@ fn run_batch(analyzer: &mut FaceAnalyzer, ctx: &WorkerCtx, first: Job) {
     let deadline = started + ctx.batch_wait;
     let mut batch: Vec<InFlight> = Vec::new();
     let (mut faces, mut cancelled, mut failed, mut queue_time) = (0usize, 0u64, 0u64, Duration::ZERO);
+    let mut detected = 0u64;
     let mut detector_time = Duration::ZERO;
     // Answers are sent after the counters are updated, so a caller that has its answer
     // sees its batch in `stats()`.
@@ -433,8 +468,15 @@ fn run_batch(analyzer: &mut FaceAnalyzer, ctx: &WorkerCtx, first: Job) {
             queue_time += queued;
             ctx.faults.before_job();
             let mut times = StageTimes::default();
-            match prepare(analyzer, &job.bytes, &ctx.limits, &mut times) {
-                Ok((kind, size, prepared)) => {
+            match start_task(analyzer, job.task, &ctx.limits, &mut times) {
+                Ok(Started::Detected(mut a)) => {
+                    a.queued = queued;
+                    a.inference = taken.elapsed();
+                    detector_time += times.detect_model;
+                    detected += 1;
+                    answers.push((job.reply, Reply { result: Ok(a), queued, inference: taken.elapsed() }));
+                }
+                Ok(Started::Prepared(kind, size, prepared)) => {
                     faces += prepared.crops.len();
                     detector_time += times.detect_model;
                     batch.push(InFlight { reply: job.reply, taken, queued, kind, size, times, prepared });
@@ -492,6 +534,7 @@ fn run_batch(analyzer: &mut FaceAnalyzer, ctx: &WorkerCtx, first: Job) {
                         queued: j.queued,
                         inference,
                         batch_jobs: jobs_in_batch,
+                        crops: Vec::new(),
                     }
                 });
                 match result {
@@ -512,7 +555,7 @@ fn run_batch(analyzer: &mut FaceAnalyzer, ctx: &WorkerCtx, first: Job) {
     }
     let wall = started.elapsed();
     ctx.counters.update(|s| {
-        s.jobs_done += done;
+        s.jobs_done += done + detected;
         s.jobs_failed += failed;
         s.jobs_cancelled += cancelled;
         s.queue_time += queue_time;
@@ -530,6 +573,52 @@ fn run_batch(analyzer: &mut FaceAnalyzer, ctx: &WorkerCtx, first: Job) {
     });
     for (reply, answer) in answers {
         let _ = reply.send(answer);
+    }
+}
+
+/// What a task gave before the recognizer run.
+enum Started {
+    /// Waits for the batch's recognizer run.
+    Prepared(ImageKind, (u32, u32), Prepared),
+    /// Detection only: answered at once.
+    Detected(Analysis),
+}
+
+fn start_task(analyzer: &mut FaceAnalyzer, task: Task, limits: &ImageLimits, times: &mut StageTimes) -> Result<Started, EngineError> {
+    match task {
+        Task::Analyze(bytes) => prepare(analyzer, &bytes, limits, times).map(|(k, s, p)| Started::Prepared(k, s, p)),
+        Task::Detect(bytes) => {
+            let (kind, (width, height), prepared) = prepare(analyzer, &bytes, limits, times)?;
+            let found_by = prepared.found_by;
+            let faces = prepared
+                .detections
+                .iter()
+                .map(|d| Face { bbox: d.bbox, kps: d.kps, det_score: d.score, embedding: Vec::new(), found_by })
+                .collect();
+            Ok(Started::Detected(Analysis {
+                faces,
+                kind,
+                width,
+                height,
+                times: *times,
+                queued: Duration::ZERO,
+                inference: Duration::ZERO,
+                batch_jobs: 0,
+                crops: prepared.crops,
+            }))
+        }
+        Task::Embed(crops) => {
+            let (w, h) = crops.first().map(|c| c.dimensions()).unwrap_or((0, 0));
+            let detections = crops
+                .iter()
+                .map(|c| crate::face::Detection {
+                    bbox: [0.0, 0.0, c.width() as f32, c.height() as f32],
+                    score: 1.0,
+                    kps: crate::face::align::ARCFACE_TEMPLATE,
+                })
+                .collect();
+            Ok(Started::Prepared(ImageKind::Png, (w, h), Prepared { detections, crops, found_by: crate::face::FoundBy::Aligned }))
+        }
     }
 }
 

@@ -17,6 +17,7 @@ pub mod faces;
 pub mod follow;
 pub mod load;
 pub mod recognition;
+pub mod stream;
 mod users;
 
 use std::sync::Arc;
