@@ -154,6 +154,9 @@ pub enum AuditError {
     NoFreeName(String),
     #[error("audit trail: the writer has stopped")]
     Stopped,
+    /// The writer panicked on this record; it reopens the log and goes on with the next.
+    #[error("audit trail: the writer failed on this record ({0}) and goes on with the next")]
+    Panicked(String),
 }
 
 impl AuditError {
@@ -174,6 +177,7 @@ impl AuditError {
             AuditError::CounterExhausted => AuditError::CounterExhausted,
             AuditError::NoFreeName(name) => AuditError::NoFreeName(name.clone()),
             AuditError::Stopped => AuditError::Stopped,
+            AuditError::Panicked(why) => AuditError::Panicked(why.clone()),
         }
     }
 }
@@ -205,11 +209,19 @@ impl AuditHandle {
     /// temporary files left by a crash) and runs the retention sweep. A log or photo folder that cannot
     /// be used is warned about and counted, not fatal: the writer tries again at each record.
     pub async fn start(cfg: AuditConfig) -> Result<AuditHandle, AuditError> {
+        Self::start_with_fault(cfg, None).await
+    }
+
+    /// [`AuditHandle::start`], with the writer made to panic on its `panic_on_record`th record:
+    /// a fault for tests of its supervision (the record fails with [`AuditError::Panicked`], is
+    /// counted, and the writer goes on).
+    pub async fn start_with_fault(cfg: AuditConfig, panic_on_record: Option<u64>) -> Result<AuditHandle, AuditError> {
         let queue = cfg.queue.max(1);
         let failures = Arc::new(AtomicU64::new(0));
         let counted = Arc::clone(&failures);
-        let writer =
+        let mut writer =
             tokio::task::spawn_blocking(move || Writer::open(&cfg, counted, SystemTime::now())).await.map_err(|_| AuditError::Stopped)?;
+        writer.panic_on_record = panic_on_record;
         tracing::debug!(log = %writer.log_path.display(), photos = %writer.photo_dir.display(), next = writer.next, "audit trail started");
         let (tx, rx) = mpsc::channel(queue);
         tokio::spawn(run(writer, rx));
@@ -386,6 +398,9 @@ struct Writer {
     /// Failures since the last success.
     burst: u64,
     last_warn: Option<Instant>,
+    /// Records taken, and the one to panic on (a fault for tests).
+    records: u64,
+    panic_on_record: Option<u64>,
 }
 
 impl Writer {
@@ -402,6 +417,8 @@ impl Writer {
             failures,
             burst: 0,
             last_warn: None,
+            records: 0,
+            panic_on_record: None,
         };
         match open_log(&w.log_path) {
             Ok((file, last_write)) => {
@@ -422,9 +439,19 @@ impl Writer {
         w
     }
 
-    /// Writes one record, counting and reporting a failure.
+    /// Writes one record, counting and reporting a failure. A panic is caught here (the
+    /// supervision of the writer): it is a counted failure of this record; the log is reopened
+    /// (its torn tail repaired) and the photo folder rescanned before the next.
     fn write_record(&mut self, rec: AuditRecord) -> Result<Vec<String>, AuditError> {
-        let result = self.try_write_record(rec);
+        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.try_write_record(rec))) {
+            Ok(r) => r,
+            Err(panic) => {
+                self.log = None;
+                self.scanned = false;
+                let why = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()));
+                Err(AuditError::Panicked(why.unwrap_or_else(|| "a panic".into())))
+            }
+        };
         match &result {
             Ok(_) => self.succeeded(),
             Err(e) => self.failed(e),
@@ -433,6 +460,10 @@ impl Writer {
     }
 
     fn try_write_record(&mut self, rec: AuditRecord) -> Result<Vec<String>, AuditError> {
+        self.records += 1;
+        if self.panic_on_record == Some(self.records) {
+            panic!("injected fault: the audit writer panics on record {}", self.records);
+        }
         let mut line = serde_json::to_vec(&rec.line)?;
         line.push(b'\n');
         let mut names = Vec::with_capacity(rec.crops.len());
@@ -895,7 +926,11 @@ async fn run(mut writer: Writer, mut rx: mpsc::Receiver<Msg>) {
                     Job::Record(rec, ack) => {
                         let _ = ack.send(writer.write_record(rec));
                     }
-                    Job::Sweep => writer.sweep(SystemTime::now()),
+                    Job::Sweep => {
+                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.sweep(SystemTime::now()))).is_err() {
+                            writer.failed(&AuditError::Panicked("retention sweep".into()));
+                        }
+                    }
                 }
             }
             writer

@@ -386,3 +386,23 @@ fn sixteen_bit_pngs_are_held_to_the_decoded_byte_budget() {
     let png = [b"\x89PNG\r\n\x1a\n".to_vec(), chunk(b"IHDR", &ihdr), chunk(b"IDAT", &idat), chunk(b"IEND", &[])].concat();
     assert!(matches!(decode(&png, &ImageLimits::default()), Err(FaceError::InvalidImage(_))));
 }
+
+#[test]
+fn a_cmyk_scan_bomb_is_refused_before_the_fallback_decoder() {
+    // CMYK goes to the image crate's decoder, not libjpeg: its scans are counted from the bytes.
+    let side = 64;
+    let cmyk: Vec<u8> = (0..side * side).flat_map(|i| [(i % 251) as u8, 40, 200, 10]).collect();
+    let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_CMYK);
+    c.set_fastest_defaults();
+    c.set_size(side, side);
+    c.set_progressive_mode();
+    let mut started = c.start_compress(Vec::new()).expect("starts");
+    started.write_scanlines(&cmyk).expect("writes");
+    let jpeg = started.finish().expect("finishes");
+    assert!(decode(&jpeg, &ImageLimits::default()).is_ok(), "a CMYK JPEG decodes");
+    let bomb = last_scan_repeated(&jpeg, 100);
+    match decode(&bomb, &ImageLimits::default()) {
+        Err(FaceError::TooCostly(m)) => assert!(m.contains("scans"), "{m}"),
+        other => panic!("expected too costly, got {other:?}"),
+    }
+}

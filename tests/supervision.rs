@@ -137,3 +137,25 @@ async fn a_stuck_worker_gives_503_within_the_deadline_and_ready_recovers() {
     assert!(metric(&m, "facerec_engine_jobs_timed_out_total") >= 1.0);
     assert_eq!(metric(&m, "facerec_engine_worker_restarts_total"), 0.0);
 }
+
+#[tokio::test]
+async fn the_audit_writer_survives_a_panic_and_counts_it() {
+    use facerec::audit::{AuditError, AuditRecord};
+    let dir = temp_dir("supervision-audit");
+    let audit = AuditHandle::start_with_fault(AuditConfig::new(dir.join("logs.txt"), dir.join("photo")), Some(1)).await.expect("audit");
+    let rec = |n: u32| AuditRecord { line: serde_json::json!({"n": n}), crops: Vec::new() };
+    match audit.record(rec(1)).await {
+        Err(AuditError::Panicked(why)) => assert!(why.contains("injected"), "{why}"),
+        other => panic!("expected the panic reported, got {other:?}"),
+    }
+    assert_eq!(audit.failures(), 1);
+    // The writer goes on: the next records are written, and not counted as failures.
+    for n in 2..=3 {
+        audit.record(rec(n)).await.expect("written after the panic");
+    }
+    assert_eq!(audit.failures(), 1);
+    audit.shutdown().await.expect("closes");
+    let log = std::fs::read_to_string(dir.join("logs.txt")).expect("log");
+    let lines: Vec<Value> = log.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(lines, vec![serde_json::json!({"n": 2}), serde_json::json!({"n": 3})]);
+}

@@ -150,6 +150,16 @@ pub fn decode_libjpeg(bytes: &[u8], limits: &ImageLimits, budget: &DecodeBudget)
             return Ok(Err(e));
         }
         if matches!(d.color_space(), mozjpeg_sys::J_COLOR_SPACE::JCS_CMYK | mozjpeg_sys::J_COLOR_SPACE::JCS_YCCK) {
+            // Decoded by the image crate, without this hook: its scans are counted from the
+            // bytes (FF DA occurs only as a marker in entropy data; an embedded thumbnail's
+            // scans count too, which only makes the cap stricter).
+            let scans = bytes.windows(2).filter(|w| w == &[0xff, 0xda]).count();
+            if scans > budget.max_jpeg_scans as usize {
+                return Ok(Err(FaceError::TooCostly(format!(
+                    "the JPEG has more than {} scans (progressive photos have about ten)",
+                    budget.max_jpeg_scans
+                ))));
+            }
             return Ok(Ok(None));
         }
         // A progressive JPEG's scans are all read here, before the first row comes out.
