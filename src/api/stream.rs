@@ -179,9 +179,9 @@ async fn next_message(rx: &mut SplitStream<WebSocket>, limit: usize) -> Option<R
         let msg = match rx.next().await? {
             Ok(m) => m,
             Err(e) => {
+                // tungstenite's own size cap (far above the limit): "Space limit exceeded: Message too long".
                 let text = e.to_string();
-                // The library's own size cap (far above the limit).
-                if text.to_lowercase().contains("too long") || text.to_lowercase().contains("size") {
+                if text.contains("Space limit exceeded") || text.contains("too long") {
                     return Some(Err(Refusal::Close(CLOSE_TOO_BIG, format!("frame over {limit} bytes (STREAM_MAX_FRAME_BYTES)"))));
                 }
                 return None;
