@@ -406,16 +406,16 @@ impl ServeConfig {
         if self.max_body_bytes < 1024 {
             return Err(format!("MAX_BODY_BYTES {} is too small (at least 1024)", self.max_body_bytes));
         }
-        if let Some(uri) = &self.mongo_uri
+        if let Some(uri) = self.mongo()
             && !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://"))
         {
             return Err("MONGO_URI must start with mongodb:// or mongodb+srv://".into());
         }
-        if let Some(url) = &self.database_url {
+        if let Some(url) = self.postgres() {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 return Err("DATABASE_URL must start with postgres:// or postgresql://".into());
             }
-            if self.mongo_uri.is_some() {
+            if self.mongo().is_some() {
                 return Err("set DATABASE_URL or MONGO_URI, not both".into());
             }
         }
@@ -491,6 +491,16 @@ impl ServeConfig {
     /// Where face search runs.
     pub fn face_search_options(&self) -> crate::service::faces::FaceSearchOptions {
         crate::service::faces::FaceSearchOptions { place: self.gallery, database_from: self.gallery_database_from }
+    }
+
+    /// MONGO_URI, when set and not blank (an empty variable, as compose files leave it, is unset).
+    pub fn mongo(&self) -> Option<&str> {
+        self.mongo_uri.as_deref().filter(|u| !u.trim().is_empty())
+    }
+
+    /// DATABASE_URL, when set and not blank.
+    pub fn postgres(&self) -> Option<&str> {
+        self.database_url.as_deref().filter(|u| !u.trim().is_empty())
     }
 
     /// The PostgreSQL store's settings.

@@ -32,11 +32,11 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Assembled> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     let started = Instant::now();
     // MongoDB first: an unreachable database stops the start before the models are loaded.
-    let mongo = match &cfg.mongo_uri {
+    let mongo = match cfg.mongo() {
         Some(uri) => Some(Arc::new(MongoStore::connect(uri, cfg.mongo_options()).await.context("MONGO_URI")?)),
         None => None,
     };
-    let postgres = match &cfg.database_url {
+    let postgres = match cfg.postgres() {
         Some(url) => Some(Arc::new(PgStore::connect(url, cfg.pg_options()).await.context("DATABASE_URL")?)),
         None => None,
     };
