@@ -124,7 +124,7 @@ fn the_store_contract_holds_and_ten_concurrent_enrolments_all_count() {
         let (page, total) = store.list_faces(10, 0).await.unwrap();
         assert_eq!((page.len(), total), (1, 1));
         let hits = store.search_faces(&unit(7), 5, 0.5, MODEL).await.unwrap();
-        assert_eq!(hits.iter().map(|h| h.id.clone()).collect::<Vec<_>>(), [id.clone()]);
+        assert_eq!(hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), [id.as_str()]);
         assert!((hits[0].score - 1.0).abs() < 1e-5);
         assert!(store.search_faces(&unit(7), 5, 0.5, "other@1").await.unwrap().is_empty(), "another recognizer's records are not matched");
         assert!(store.delete_face(&id).await.unwrap());
@@ -230,4 +230,150 @@ fn two_replicas_see_each_other_within_one_second() {
     assert_eq!(a.delete("/users/carol").status, 200);
     let took = wait_until(Duration::from_secs(1), || b.recognize("img6.jpg").0.starts_with("Unknown"));
     assert!(took.is_some(), "deletion of a user not seen by B within 1 s");
+}
+
+/// Deterministic standard normal numbers (xorshift64* and Box-Muller).
+struct Normal(u64);
+
+impl Normal {
+    fn uniform(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        ((self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    fn unit_vector(&mut self) -> Vec<f32> {
+        let v: Vec<f64> =
+            (0..EMBEDDING_DIM).map(|_| (-2.0 * self.uniform().ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()).collect();
+        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        v.iter().map(|x| (x / n) as f32).collect()
+    }
+    /// A unit vector at cosine `c` from the unit vector `q`.
+    fn at_cosine(&mut self, q: &[f32], c: f64) -> Vec<f32> {
+        let r = self.unit_vector();
+        let dot: f64 = r.iter().zip(q).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+        let perp: Vec<f64> = r.iter().zip(q).map(|(a, b)| f64::from(*a) - dot * f64::from(*b)).collect();
+        let pn = perp.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let s = (1.0 - c * c).sqrt();
+        q.iter().zip(&perp).map(|(a, p)| (c * f64::from(*a) + s * p / pn) as f32).collect()
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Resident memory (MiB) of the facerec process listening on `port`.
+fn rss_mib(port: u16) -> Option<f64> {
+    let wanted = format!("PORT={port}\0");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let env = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmd).contains("facerec") || !String::from_utf8_lossy(&env).contains(&wanted) {
+            continue;
+        }
+        let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+        let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+        return Some(kb / 1024.0);
+    }
+    None
+}
+
+/// The HNSW index against planted matches, and `/api/face/search` in the database: N synthetic
+/// records (FACEREC_RECALL_N, default 20000) loaded by binary COPY, the index built after;
+/// FACEREC_RECALL_QUERIES queries (default 100) each with one planted record at cosine 0.4 and
+/// one at 0.6 (random 512-d vectors sit at |cos| < 0.25 of any query, so the planted one is the
+/// exact nearest). Prints recall@1 / recall@10, the store's search p50/p99, and facerec's p50/p99
+/// and RSS at ef_search 40 and 100.
+/// `FACEREC_RECALL_N=1000000 cargo test --release --test postgres_store measure -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement: minutes at 20k rows, an hour or more at 1M on two cores"]
+fn measure_hnsw_recall_and_search_latency() {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    let n: usize = std::env::var("FACEREC_RECALL_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let q: usize = std::env::var("FACEREC_RECALL_QUERIES").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let pg = Postgres::start();
+    let mut rng = Normal(0x9E37_79B9_7F4A_7C15);
+    let queries: Vec<Vec<f32>> = (0..q).map(|_| rng.unit_vector()).collect();
+    let rt = rt();
+    rt.block_on(async {
+        drop(PgStore::connect(&pg.url(), opts()).await.expect("schema"));
+        let (client, conn) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls).await.expect("connects");
+        tokio::spawn(conn);
+        client.batch_execute("drop index if exists faces_face_vec_hnsw").await.unwrap();
+        let vector = client.prepare("select $1::vector").await.unwrap().params()[0].clone();
+        let started = std::time::Instant::now();
+        let sink = client.copy_in("copy faces (display_name, face_vec, model_id) from stdin binary").await.unwrap();
+        let writer = BinaryCopyInWriter::new(sink, &[tokio_postgres::types::Type::TEXT, vector, tokio_postgres::types::Type::TEXT]);
+        let mut writer = std::pin::pin!(writer);
+        for (i, query) in queries.iter().enumerate() {
+            for c in [0.4, 0.6] {
+                let v = pgvector::Vector::from(rng.at_cosine(query, c));
+                writer.as_mut().write(&[&format!("planted {c} {i}"), &v, &MODEL]).await.unwrap();
+            }
+        }
+        for i in 0..n.saturating_sub(2 * q) {
+            let v = pgvector::Vector::from(rng.unit_vector());
+            writer.as_mut().write(&[&format!("random {i}"), &v, &MODEL]).await.unwrap();
+        }
+        writer.finish().await.unwrap();
+        let loaded = started.elapsed();
+        let started = std::time::Instant::now();
+        client
+            .batch_execute(
+                "set maintenance_work_mem = '4GB'; create index faces_face_vec_hnsw on faces using hnsw (face_vec vector_cosine_ops)",
+            )
+            .await
+            .unwrap();
+        eprintln!("MEASURED rows={n} copy={:.1}s hnsw_build={:.1}s", loaded.as_secs_f64(), started.elapsed().as_secs_f64());
+        for ef in [40, 100] {
+            let store = PgStore::connect(&pg.url(), PgOptions { ef_search: ef, ..opts() }).await.unwrap();
+            for c in [0.4, 0.6] {
+                let (mut at1, mut at10, mut times) = (0, 0, Vec::new());
+                for (i, query) in queries.iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    let hits = store.search_faces(query, 10, 2.0, MODEL).await.unwrap();
+                    times.push(t.elapsed().as_secs_f64() * 1000.0);
+                    let planted = format!("planted {c} {i}");
+                    // The query's other planted record is left out (at 0.6 it is the nearest of a 0.4 query).
+                    let other = format!("planted {} {i}", if c == 0.4 { 0.6 } else { 0.4 });
+                    let names: Vec<&str> = hits.iter().map(|h| h.display_name.as_str()).filter(|d| *d != other).collect();
+                    at1 += usize::from(names.first() == Some(&planted.as_str()));
+                    at10 += usize::from(names.contains(&planted.as_str()));
+                }
+                times.sort_by(f64::total_cmp);
+                eprintln!(
+                    "MEASURED rows={n} ef_search={ef} cos={c}: recall@1={:.2} recall@10={:.2} store search p50={:.1}ms p99={:.1}ms",
+                    at1 as f64 / q as f64,
+                    at10 as f64 / q as f64,
+                    percentile(&times, 0.5),
+                    percentile(&times, 0.99)
+                );
+            }
+        }
+    });
+    // Through facerec: one-face photo, GALLERY=database.
+    let photo = fixture("img6.jpg");
+    for ef in ["40", "100"] {
+        let dir = TempDir::new("measure");
+        let f = facerec(dir.path(), &pg, &[("GALLERY", "database"), ("HNSW_EF_SEARCH", ef), ("DATABASE_OP_TIMEOUT", "30s")]);
+        let (ct, body) = form(&[("topK", "5")], &photo);
+        let mut times = Vec::new();
+        for i in 0..60 {
+            let t = std::time::Instant::now();
+            let r = f.call("POST", "/api/face/search", Some(&ct), &body);
+            assert_eq!(r.status, 200, "{}", r.text());
+            if i >= 10 {
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        eprintln!(
+            "MEASURED rows={n} ef_search={ef} /api/face/search p50={:.1}ms p99={:.1}ms facerec RSS={:.0} MiB",
+            percentile(&times, 0.5),
+            percentile(&times, 0.99),
+            rss_mib(f.port).unwrap_or(f64::NAN)
+        );
+        f.stop();
+    }
 }

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use crate::mongo_support::{Facerec, TempDir, fixture, free_port, tail, wait_until};
 
 pub const REQUIREMENT: &str = "pgserver==0.1.4";
@@ -177,9 +178,41 @@ impl Postgres {
         panic!("postgres exited at start:\n{last}");
     }
 
+    /// One server for the whole test binary, started on first use by a thread that lives as long
+    /// as the process (so `--pdeathsig` stops the server when the binary ends, not when the test
+    /// that asked first does).
+    pub fn shared() -> &'static Postgres {
+        static SHARED: OnceLock<Postgres> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(std::panic::catch_unwind(Postgres::start));
+                loop {
+                    std::thread::park();
+                }
+            });
+            match rx.recv() {
+                Ok(Ok(pg)) => pg,
+                _ => panic!("the shared PostgreSQL did not start"),
+            }
+        })
+    }
+
     /// `postgres://postgres@127.0.0.1:PORT/postgres`.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        self.url_of("postgres")
+    }
+
+    /// The URL of database `db` on this server.
+    pub fn url_of(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A fresh database (its name: letters, digits and `_`): its URL.
+    pub fn create_database(&self, db: &str) -> String {
+        assert!(db.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "database name {db}");
+        self.psql(&format!("create database {db}"));
+        self.url_of(db)
     }
 
     /// Runs `sql` with psql (`-At`: unaligned, tuples only), as the other service would; its stdout.

@@ -40,7 +40,7 @@ use super::{EMBEDDING_DIM, StoreError};
 /// The schema facerec needs, idempotent.
 pub const SCHEMA: &str = include_str!("schema.sql");
 /// Held while migrating, so that replicas starting together do not race on `create ... if not exists`.
-const MIGRATE_LOCK: i64 = 0x6661_6365_7265_63;
+const MIGRATE_LOCK: i64 = 0x0066_6163_6572_6563;
 /// Notification channels.
 pub const USERS_CHANNEL: &str = "facerec_users";
 pub const FACES_CHANNEL: &str = "facerec_faces";
