@@ -133,6 +133,56 @@ fn the_store_contract_holds_and_ten_concurrent_enrolments_all_count() {
     });
 }
 
+#[test]
+fn existing_tables_of_the_other_services_are_used_as_they_are() {
+    let pg = Postgres::start();
+    // Before facerec ever ran: the seed `users` with `vector` embeddings and the other API's
+    // `faces`, `match_faces` as it ships, and a row of each.
+    pg.psql("create extension vector; create table users (username text, embeddings vector(512))");
+    pg.psql(
+        "create table faces (id uuid primary key default gen_random_uuid(), display_name text, image_url text, \
+         face_vec vector(512), inserted_at timestamptz default now())",
+    );
+    pg.psql(
+        "create or replace function match_faces(query_vec vector(512), k int default 5, threshold real default 0.35) \
+         returns table (id uuid, display_name text, score real, image_url text) language sql stable as $$ \
+         select f.id, f.display_name, 1 - (f.face_vec <=> query_vec) as score, f.image_url from faces f \
+         where f.face_vec is not null and (f.face_vec <=> query_vec) < threshold order by f.face_vec <=> query_vec limit k; $$",
+    );
+    let doubled: Vec<f32> = unit(1).iter().map(|v| v * 2.0).collect();
+    pg.psql(&format!("insert into users values ('seed', '{}')", vector_text(&doubled)));
+    let theirs =
+        pg.psql(&format!("insert into faces (display_name, face_vec) values ('Theirs', '{}') returning id", vector_text(&unit(2))));
+    let theirs = theirs.trim();
+    rt().block_on(async {
+        let store = PgStore::connect(&pg.url(), opts()).await.expect("migrates onto the existing tables");
+        let loaded = store.load_users(MODEL).await.unwrap();
+        assert_eq!(loaded.users.len(), 1);
+        assert_eq!((loaded.users[0].embedding[1], loaded.users[0].samples), (1.0, 0));
+        let enrolled = store.enroll("seed", &[unit(3)], MODEL).await.unwrap();
+        assert_eq!(enrolled.samples, 2);
+        // Written back into the `vector` column, readable by the old service.
+        assert_eq!(pg.psql("select vector_dims(embeddings), samples from users where username = 'seed'").trim(), "512|2");
+        assert!(matches!(store.create_user("seed").await, Err(StoreError::UserExists(_))), "checked even without a unique index");
+        let faces = store.load_faces(MODEL).await.unwrap();
+        assert_eq!(faces.faces.len(), 1);
+        let rec = &faces.faces[0];
+        assert_eq!(
+            (rec.id.as_str(), rec.display_name.as_str(), rec.image_url.clone()),
+            (theirs, "Theirs", format!("/api/face/{theirs}/image"))
+        );
+        assert_eq!(store.get_face_image(theirs).await.unwrap(), None);
+    });
+    // The other service's columns and function are unchanged; ours were added beside them.
+    let columns = pg.psql("select string_agg(column_name || ':' || data_type, ',' order by ordinal_position) from information_schema.columns where table_name = 'faces'");
+    assert_eq!(
+        columns.trim(),
+        "id:uuid,display_name:text,image_url:text,face_vec:USER-DEFINED,inserted_at:timestamp with time zone,model_id:text"
+    );
+    assert_eq!(pg.psql("select count(*) from pg_proc where proname = 'match_faces'").trim(), "1");
+    assert_eq!(pg.psql(&format!("select display_name from match_faces('{}', 5, 0.1)", vector_text(&unit(2)))).trim(), "Theirs");
+}
+
 /// A multipart body of text fields and one image.
 fn form(texts: &[(&str, &str)], image: &[u8]) -> (String, Vec<u8>) {
     let boundary = "facerec-pg-test-boundary";

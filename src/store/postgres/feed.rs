@@ -109,7 +109,11 @@ impl Channel {
 
 impl PgStore {
     fn channel(&self, name: &'static str) -> Channel {
-        Channel { config: self.config.clone(), name, limit: self.opts.op_timeout * 2, listener: None, compare: true }
+        // TCP keepalives: a listening connection lost without a reset (a dropped network) is
+        // noticed within about a minute rather than the system's two hours.
+        let mut config = self.config.clone();
+        config.keepalives(true).keepalives_idle(std::time::Duration::from_secs(30));
+        Channel { config, name, limit: self.opts.op_timeout * 2, listener: None, compare: true }
     }
 
     pub(super) fn users_feed(&self, known: Option<HashMap<String, String>>) -> PgUsersFeed {
