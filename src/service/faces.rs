@@ -14,6 +14,9 @@ use crate::store::faces::{FaceRecord, FaceRecordStore, StoredImage};
 /// Largest image kept by register (MongoDB documents stop at 16 MiB).
 pub const MAX_STORED_IMAGE: usize = 15 << 20;
 
+/// Items of a batch registration in flight at once (the engine batches and queues them).
+const BATCH_PARALLEL: usize = 4;
+
 /// Where `/api/face/search` looks (GALLERY).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SearchPlace {
@@ -113,6 +116,24 @@ impl Service {
             self.face_index.insert(&record);
         }
         Ok(record)
+    }
+
+    /// Registers each `(display name, image)` as [`Service::register`] does, a few at a time
+    /// (the engine's queue bounds the rest), answering every item in order: a name already
+    /// refused by the caller is that item's error. Every `Ok` item is stored before this returns;
+    /// an `Err` item stored nothing.
+    pub async fn register_batch(&self, items: Vec<(Result<String, ApiError>, Vec<u8>)>) -> Vec<Result<FaceRecord, ApiError>> {
+        use futures_util::StreamExt;
+        futures_util::stream::iter(items)
+            .map(|(name, image)| async move {
+                match name {
+                    Ok(name) => self.register(name, image).await,
+                    Err(e) => Err(e),
+                }
+            })
+            .buffered(BATCH_PARALLEL)
+            .collect()
+            .await
     }
 
     /// The records within cosine distance `threshold` of the query's most prominent face,
