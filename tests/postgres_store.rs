@@ -427,3 +427,66 @@ fn measure_hnsw_recall_and_search_latency() {
         f.stop();
     }
 }
+
+#[test]
+fn a_batch_of_fifty_with_three_bad_images_stores_forty_seven() {
+    let pg = Postgres::start();
+    let dir = TempDir::new("batch");
+    let f = facerec(dir.path(), &pg, &[]);
+    let good = ["img5.jpg", "img6.jpg", "img10.jpg", "img11.jpg", "img12.jpg", "img16.jpg", "img17.jpg"];
+    let mut grey = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(200, 200, image::Luma([128u8])))
+        .write_to(&mut grey, image::ImageFormat::Png)
+        .expect("png");
+    let truncated = fixture("img5.jpg")[..2000].to_vec();
+    let bad: [(usize, Vec<u8>, &str); 3] = [
+        (7, b"not an image at all".to_vec(), "invalid_image"),
+        (23, grey.into_inner(), "no_face_detected"),
+        (41, truncated, "invalid_image"),
+    ];
+    let boundary = "facerec-batch-boundary";
+    let mut body = Vec::new();
+    for i in 0..50 {
+        let image = bad.iter().find(|b| b.0 == i).map_or_else(|| fixture(good[i % good.len()]), |b| b.1.clone());
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"displayName\"\r\n\r\nPerson {i}\r\n").as_bytes(),
+        );
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{i}.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(&image);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let r = f.call("POST", "/api/face/register/batch", Some(&format!("multipart/form-data; boundary={boundary}")), &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let answer = r.json();
+    assert_eq!((answer["registered"].as_u64(), answer["failed"].as_u64()), (Some(47), Some(3)), "{answer}");
+    let items = answer["items"].as_array().expect("items");
+    assert_eq!(items.len(), 50);
+    for (i, item) in items.iter().enumerate() {
+        assert_eq!(item["index"].as_u64(), Some(i as u64));
+        match bad.iter().find(|b| b.0 == i) {
+            Some((_, _, code)) => {
+                assert_eq!(item["error"]["code"].as_str(), Some(*code), "item {i}: {item}");
+                assert!(item["status"].as_u64().is_some_and(|s| s >= 400) && item.get("face").is_none());
+            }
+            None => {
+                assert_eq!(item["status"].as_u64(), Some(201), "item {i}: {item}");
+                assert_eq!(item["face"]["display_name"].as_str(), Some(format!("Person {i}").as_str()));
+            }
+        }
+    }
+    // Every stored item is durable with its image; the failed ones left nothing.
+    assert_eq!(pg.psql("select count(*), count(distinct display_name) from faces").trim(), "47|47");
+    assert_eq!(pg.psql("select count(*) from faces f join face_images i using (id)").trim(), "47");
+    assert_eq!(pg.psql("select count(*) from faces where display_name in ('Person 7', 'Person 23', 'Person 41')").trim(), "0");
+    // A form whose names and images are not paired stores nothing.
+    let (ct, one) = form(&[("displayName", "A"), ("displayName", "B")], &fixture("img5.jpg"));
+    let r = f.call("POST", "/api/face/register/batch", Some(&ct), &one);
+    assert_eq!((r.status, r.json()["code"].as_str().map(str::to_owned)), (400, Some("invalid_request".to_owned())));
+    assert_eq!(pg.psql("select count(*) from faces").trim(), "47");
+}
