@@ -12,6 +12,7 @@ use crate::face::image::ImageLimits;
 use crate::face::{AnalyzerOptions, DetectOptions};
 use crate::runtime::{BackendChoice, Precision, ProviderChoice, RuntimeOptions};
 use crate::store::mongo::{FollowMode, MongoOptions};
+use crate::store::postgres::{Migrate, PgOptions};
 
 /// Where the models and ONNX Runtime come from, and how they run.
 #[derive(Debug, Clone, Args)]
@@ -240,6 +241,37 @@ pub struct ServeConfig {
     #[arg(long, env = "MONGO_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
     pub mongo_poll_interval: Duration,
 
+    /// PostgreSQL (with pgvector) connection string, postgres://user:password@host:port/db;
+    /// users and face records go there. Unset: MongoDB (MONGO_URI) or the embedded SQLite store.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// How long PostgreSQL may take to answer at start before the process gives up.
+    #[arg(long, env = "DATABASE_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub database_connect_timeout: Duration,
+
+    /// After start: the bound of one PostgreSQL operation (the whole operation: twice this).
+    #[arg(long, env = "DATABASE_OP_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub database_op_timeout: Duration,
+
+    /// auto: create the pgvector extension, tables, match_faces and the HNSW index where absent
+    /// at start; off: the operator runs src/store/postgres/schema.sql.
+    #[arg(long, env = "DATABASE_MIGRATE", default_value = "auto")]
+    pub database_migrate: Migrate,
+
+    /// Where /api/face/search looks: memory (every vector in this process), database (the
+    /// store's index; PostgreSQL only), or auto (database from GALLERY_DATABASE_FROM records).
+    #[arg(long, env = "GALLERY", default_value = "auto")]
+    pub gallery: crate::service::faces::SearchPlace,
+
+    /// GALLERY=auto: from this many face records at start, search in the database.
+    #[arg(long, env = "GALLERY_DATABASE_FROM", default_value_t = 100_000)]
+    pub gallery_database_from: u64,
+
+    /// hnsw.ef_search of searches in PostgreSQL: more, better recall and slower.
+    #[arg(long, env = "HNSW_EF_SEARCH", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub hnsw_ef_search: u32,
+
     /// The embedded store's file.
     #[arg(long, env = "DATABASE_PATH", default_value = "data/facerec.db")]
     pub database_path: PathBuf,
@@ -382,10 +414,18 @@ impl ServeConfig {
         if self.max_body_bytes < 1024 {
             return Err(format!("MAX_BODY_BYTES {} is too small (at least 1024)", self.max_body_bytes));
         }
-        if let Some(uri) = &self.mongo_uri
+        if let Some(uri) = self.mongo()
             && !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://"))
         {
             return Err("MONGO_URI must start with mongodb:// or mongodb+srv://".into());
+        }
+        if let Some(url) = self.postgres() {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err("DATABASE_URL must start with postgres:// or postgresql://".into());
+            }
+            if self.mongo().is_some() {
+                return Err("set DATABASE_URL or MONGO_URI, not both".into());
+            }
         }
         self.validate_auth()
     }
@@ -454,6 +494,31 @@ impl ServeConfig {
     /// Limits on one decoded image.
     pub fn image_limits(&self) -> ImageLimits {
         ImageLimits { max_side: self.max_image_side, max_pixels: (self.max_image_megapixels * 1e6).round() as u64 }
+    }
+
+    /// Where face search runs.
+    pub fn face_search_options(&self) -> crate::service::faces::FaceSearchOptions {
+        crate::service::faces::FaceSearchOptions { place: self.gallery, database_from: self.gallery_database_from }
+    }
+
+    /// MONGO_URI, when set and not blank (an empty variable, as compose files leave it, is unset).
+    pub fn mongo(&self) -> Option<&str> {
+        self.mongo_uri.as_deref().filter(|u| !u.trim().is_empty())
+    }
+
+    /// DATABASE_URL, when set and not blank.
+    pub fn postgres(&self) -> Option<&str> {
+        self.database_url.as_deref().filter(|u| !u.trim().is_empty())
+    }
+
+    /// The PostgreSQL store's settings.
+    pub fn pg_options(&self) -> PgOptions {
+        PgOptions {
+            connect_timeout: self.database_connect_timeout,
+            op_timeout: self.database_op_timeout,
+            migrate: self.database_migrate,
+            ef_search: self.hnsw_ef_search,
+        }
     }
 
     /// The MongoDB store's settings.

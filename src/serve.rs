@@ -18,6 +18,7 @@ use crate::service::{Service, ServiceOptions};
 use crate::store::FaceStore;
 use crate::store::faces::FaceRecordStore;
 use crate::store::mongo::MongoStore;
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 
 /// Everything built at start, before listening.
@@ -31,8 +32,12 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Assembled> {
     cfg.validate().map_err(anyhow::Error::msg)?;
     let started = Instant::now();
     // MongoDB first: an unreachable database stops the start before the models are loaded.
-    let mongo = match &cfg.mongo_uri {
+    let mongo = match cfg.mongo() {
         Some(uri) => Some(Arc::new(MongoStore::connect(uri, cfg.mongo_options()).await.context("MONGO_URI")?)),
+        None => None,
+    };
+    let postgres = match cfg.postgres() {
+        Some(url) => Some(Arc::new(PgStore::connect(url, cfg.pg_options()).await.context("DATABASE_URL")?)),
         None => None,
     };
     let models = cfg.models.clone();
@@ -60,10 +65,12 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Assembled> {
     };
     let info = engine.info().clone();
 
-    // One store for users and face records: MongoDB when MONGO_URI is set, else SQLite.
-    let (store, faces): (Arc<dyn FaceStore>, Arc<dyn FaceRecordStore>) = match mongo {
-        Some(m) => (Arc::clone(&m) as Arc<dyn FaceStore>, m),
-        None => {
+    // One store for users and face records: MongoDB when MONGO_URI is set, PostgreSQL when
+    // DATABASE_URL is, else SQLite.
+    let (store, faces): (Arc<dyn FaceStore>, Arc<dyn FaceRecordStore>) = match (mongo, postgres) {
+        (Some(m), _) => (Arc::clone(&m) as Arc<dyn FaceStore>, m),
+        (None, Some(p)) => (Arc::clone(&p) as Arc<dyn FaceStore>, p),
+        (None, None) => {
             let sqlite = Arc::new(
                 SqliteStore::open(&cfg.database_path)
                     .with_context(|| format!("opening the embedded store at {}", cfg.database_path.display()))?,
@@ -86,8 +93,12 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Assembled> {
     })
     .await
     .with_context(|| format!("preparing {} and {}", cfg.log_file.display(), cfg.photo_dir.display()))?;
-    let options =
-        ServiceOptions { sim_threshold: cfg.sim_threshold, model_pack: cfg.models.model_pack.clone(), search: cfg.search_options() };
+    let options = ServiceOptions {
+        sim_threshold: cfg.sim_threshold,
+        model_pack: cfg.models.model_pack.clone(),
+        search: cfg.search_options(),
+        face_search: cfg.face_search_options(),
+    };
     let service =
         Arc::new(Service::open(engine, store, faces, audit, options).await.context("loading users and face records from the store")?);
     tracing::info!(

@@ -1,11 +1,13 @@
 //! The HTTP contract through the router (`app().oneshot(...)`, no socket), with the real
 //! models, a real store and the real audit writer. Tests of what the store keeps run once per
 //! store, same body: `NAME::sqlite` (a real SQLite file) and `NAME::mongodb` (a fresh database
-//! on a real MongoDB wire-protocol server, SecantusDB, started by `mongo_support`; never
-//! skipped: the test fails when the server cannot start).
+//! on a real MongoDB wire-protocol server, SecantusDB, started by `mongo_support`) and
+//! `NAME::postgres` (a fresh database on a real PostgreSQL with pgvector, started by
+//! `pg_support`); never skipped: the test fails when a server cannot start.
 
 mod common;
 mod mongo_support;
+mod pg_support;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use facerec::service::{Service, ServiceOptions};
 use facerec::store::FaceStore;
 use facerec::store::faces::FaceRecordStore;
 use facerec::store::mongo::{MongoOptions, MongoStore};
+use facerec::store::postgres::{PgOptions, PgStore};
 use facerec::store::sqlite::SqliteStore;
 
 struct Harness {
@@ -86,6 +89,10 @@ impl Harness {
             }
             Backend::Mongo => {
                 let s = Arc::new(mongo_store().await);
+                (Arc::clone(&s) as Arc<dyn FaceStore>, s)
+            }
+            Backend::Postgres => {
+                let s = Arc::new(pg_store().await);
                 (Arc::clone(&s) as Arc<dyn FaceStore>, s)
             }
         };
@@ -148,6 +155,22 @@ impl Harness {
 enum Backend {
     Sqlite,
     Mongo,
+    Postgres,
+}
+
+/// A store on a fresh database of the PostgreSQL server this test binary shares (pgserver from
+/// PyPI, installed and started on first use; a failure to start fails the test).
+async fn pg_store() -> PgStore {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let db = format!("api_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+    let url = tokio::task::spawn_blocking(move || pg_support::Postgres::shared().create_database(&db)).await.expect("postgres starts");
+    let opts = PgOptions {
+        connect_timeout: std::time::Duration::from_secs(60),
+        op_timeout: std::time::Duration::from_secs(10),
+        ..PgOptions::default()
+    };
+    PgStore::connect(&url, opts).await.unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"))
 }
 
 /// A store on a fresh database of the SecantusDB server this test binary shares (installed and
@@ -166,7 +189,8 @@ async fn mongo_store() -> MongoStore {
     MongoStore::connect(&uri, opts).await.unwrap_or_else(|e| panic!("MongoDB (SecantusDB) at {uri}: {e}"))
 }
 
-/// Runs the test body `$name(Backend)` once per store: tests `$name::sqlite` and `$name::mongodb`.
+/// Runs the test body `$name(Backend)` once per store: tests `$name::sqlite`, `$name::mongodb`
+/// and `$name::postgres`.
 macro_rules! on_each_store {
     ($name:ident) => {
         mod $name {
@@ -178,6 +202,11 @@ macro_rules! on_each_store {
             #[tokio::test(flavor = "multi_thread")]
             async fn mongodb() {
                 super::$name(super::Backend::Mongo).await
+            }
+
+            #[tokio::test(flavor = "multi_thread")]
+            async fn postgres() {
+                super::$name(super::Backend::Postgres).await
             }
         }
     };

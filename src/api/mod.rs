@@ -8,6 +8,7 @@ mod docs;
 pub mod error;
 mod extract;
 pub mod faces;
+pub mod faces_batch;
 pub mod health;
 pub mod metrics;
 pub mod observe;
@@ -82,6 +83,7 @@ every other error carries a stable `code`."
         users::delete_user,
         faces::encode,
         faces::register,
+        faces_batch::register_batch,
         faces::search,
         faces::get_face,
         faces::get_face_image,
@@ -156,6 +158,7 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/calculate_average_embedding", post(recognize::calculate_average_embedding))
         .route("/api/face/encode", post(faces::encode))
         .route("/api/face/register", post(faces::register))
+        .route("/api/face/register/batch", post(faces_batch::register_batch))
         .route("/api/face/search", post(faces::search))
         .route("/api/face/verify", post(faces::verify))
         .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state.auth), auth::refuse_foreign_forms));

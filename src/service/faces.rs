@@ -8,10 +8,68 @@ use crate::error::{ApiError, ErrorCode};
 use crate::face::image::ImageKind;
 use crate::face::{Face, cosine, most_prominent};
 use crate::gallery::RecordMatch;
-use crate::store::faces::{FaceRecord, StoredImage};
+use crate::store::StoreError;
+use crate::store::faces::{FaceRecord, FaceRecordStore, StoredImage};
 
 /// Largest image kept by register (MongoDB documents stop at 16 MiB).
 pub const MAX_STORED_IMAGE: usize = 15 << 20;
+
+/// Items of a batch registration in flight at once (the engine batches and queues them).
+const BATCH_PARALLEL: usize = 4;
+
+/// Where `/api/face/search` looks (GALLERY).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchPlace {
+    /// Every record's vector in this process (the face index), searched here.
+    Memory,
+    /// The store's own index (PostgreSQL's HNSW): this process holds no vectors.
+    Database,
+    /// The database from [`FaceSearchOptions::database_from`] records at start, else memory.
+    Auto,
+}
+
+impl std::str::FromStr for SearchPlace {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "memory" => Ok(Self::Memory),
+            "database" | "db" => Ok(Self::Database),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!("unknown GALLERY '{other}': expected memory, database or auto")),
+        }
+    }
+}
+
+/// Where face search runs, and from what size the database takes over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaceSearchOptions {
+    pub place: SearchPlace,
+    /// GALLERY=auto: from this many records at start, search in the database.
+    pub database_from: u64,
+}
+
+impl Default for FaceSearchOptions {
+    fn default() -> Self {
+        FaceSearchOptions { place: SearchPlace::Auto, database_from: 100_000 }
+    }
+}
+
+/// Whether searches go to the store, decided once at start: never for a store that cannot search
+/// itself (SQLite, MongoDB: GALLERY=database then warns and keeps the memory index).
+pub async fn search_in_store(store: &dyn FaceRecordStore, options: FaceSearchOptions) -> Result<bool, StoreError> {
+    if options.place == SearchPlace::Memory {
+        return Ok(false);
+    }
+    let Some(count) = store.count_for_search().await? else {
+        if options.place == SearchPlace::Database {
+            tracing::warn!("GALLERY=database: this store cannot search itself (PostgreSQL can); searching in memory");
+        }
+        return Ok(false);
+    };
+    let in_store = options.place == SearchPlace::Database || count as u64 >= options.database_from;
+    tracing::info!(records = count, in_store, "face search: {}", if in_store { "in the database" } else { "in memory" });
+    Ok(in_store)
+}
 
 /// What a search found, and how long the index took.
 #[derive(Debug)]
@@ -54,8 +112,28 @@ impl Service {
         let stored = StoredImage { bytes: image, content_type: media_type(kind).into() };
         let _w = self.writes.lock().await;
         self.faces.insert_face(&record, &stored).await?;
-        self.face_index.insert(&record);
+        if !self.search_in_store {
+            self.face_index.insert(&record);
+        }
         Ok(record)
+    }
+
+    /// Registers each `(display name, image)` as [`Service::register`] does, a few at a time
+    /// (the engine's queue bounds the rest), answering every item in order: a name already
+    /// refused by the caller is that item's error. Every `Ok` item is stored before this returns;
+    /// an `Err` item stored nothing.
+    pub async fn register_batch(&self, items: Vec<(Result<String, ApiError>, Vec<u8>)>) -> Vec<Result<FaceRecord, ApiError>> {
+        use futures_util::StreamExt;
+        futures_util::stream::iter(items)
+            .map(|(name, image)| async move {
+                match name {
+                    Ok(name) => self.register(name, image).await,
+                    Err(e) => Err(e),
+                }
+            })
+            .buffered(BATCH_PARALLEL)
+            .collect()
+            .await
     }
 
     /// The records within cosine distance `threshold` of the query's most prominent face,
@@ -63,7 +141,11 @@ impl Service {
     pub async fn search(&self, image: Vec<u8>, top_k: usize, threshold: f32) -> Result<Found, ApiError> {
         let (faces, _) = self.faces_of(image, "the query image").await?;
         let started = Instant::now();
-        let hits = self.face_index.search(&faces[0].embedding, top_k, threshold);
+        let query = &faces[0].embedding;
+        let hits = match self.search_in_store {
+            true => self.faces.search_in_store(query, top_k, threshold, self.model_id()).await?.unwrap_or_default(),
+            false => self.face_index.search(query, top_k, threshold),
+        };
         Ok(Found { hits, search_time: started.elapsed() })
     }
 

@@ -40,11 +40,18 @@ pub struct ServiceOptions {
     pub model_pack: String,
     /// How both indexes search (GALLERY_SEARCH).
     pub search: SearchOptions,
+    /// Where `/api/face/search` looks (GALLERY, GALLERY_DATABASE_FROM).
+    pub face_search: faces::FaceSearchOptions,
 }
 
 impl Default for ServiceOptions {
     fn default() -> Self {
-        ServiceOptions { sim_threshold: 0.3, model_pack: "buffalo_sc".into(), search: SearchOptions::default() }
+        ServiceOptions {
+            sim_threshold: 0.3,
+            model_pack: "buffalo_sc".into(),
+            search: SearchOptions::default(),
+            face_search: faces::FaceSearchOptions::default(),
+        }
     }
 }
 
@@ -69,6 +76,8 @@ pub struct Service {
     writes: Arc<tokio::sync::Mutex<()>>,
     options: ServiceOptions,
     start: StartCounts,
+    /// `/api/face/search` runs in the store (its index), not on `face_index` (left empty).
+    search_in_store: bool,
 }
 
 impl Service {
@@ -86,9 +95,12 @@ impl Service {
         if users.other_model > 0 {
             tracing::warn!(count = users.other_model, ours = %info.model_id, "users enrolled with another recognizer are kept but not compared");
         }
-        let loaded = faces.load_faces(&info.model_id).await?;
+        let search_in_store = faces::search_in_store(faces.as_ref(), options.face_search).await?;
         let face_index = FaceIndex::new(info.embedding_dim).with_search(options.search);
-        face_index.extend(&loaded.faces);
+        if !search_in_store {
+            let loaded = faces.load_faces(&info.model_id).await?;
+            face_index.extend(&loaded.faces);
+        }
         let start = StartCounts { users_other_model: users.other_model, users_malformed: users.malformed };
         Ok(Service {
             gallery: Arc::new(gallery.with_search(options.search)),
@@ -100,6 +112,7 @@ impl Service {
             writes: Arc::new(tokio::sync::Mutex::new(())),
             options,
             start,
+            search_in_store,
         })
     }
 
@@ -110,6 +123,10 @@ impl Service {
         let gallery = Arc::clone(&self.gallery);
         if let Some(feed) = self.store.follow(Arc::new(move || gallery.names())).await? {
             tokio::spawn(follow::users(Arc::clone(&self.writes), Arc::clone(&self.gallery), model_id.clone(), feed));
+        }
+        if self.search_in_store {
+            // Nothing of the records is held here: nothing to follow.
+            return Ok(());
         }
         let index = Arc::clone(&self.face_index);
         if let Some(feed) = self.faces.follow_faces(Arc::new(move || index.ids())).await? {
@@ -142,6 +159,11 @@ impl Service {
 
     pub fn start_counts(&self) -> StartCounts {
         self.start
+    }
+
+    /// Whether `/api/face/search` runs in the store rather than on [`Service::face_index`].
+    pub fn searches_in_store(&self) -> bool {
+        self.search_in_store
     }
 
     pub fn store_kind(&self) -> StoreKind {

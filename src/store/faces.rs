@@ -101,4 +101,24 @@ pub trait FaceRecordStore: Send + Sync + 'static {
         let _ = known;
         Ok(None)
     }
+
+    /// Searches the store itself (an index in the database): the records of `model_id` (or of
+    /// no recorded recognizer) within cosine distance `threshold` of `query`, closest first, at
+    /// most `top_k`. `None` (the default): this store cannot, search the in-memory index.
+    async fn search_in_store(
+        &self,
+        query: &[f32],
+        top_k: usize,
+        threshold: f32,
+        model_id: &str,
+    ) -> Result<Option<Vec<crate::gallery::RecordMatch>>, StoreError> {
+        let _ = (query, top_k, threshold, model_id);
+        Ok(None)
+    }
+
+    /// How many records a search in the store would look at (to choose where to search);
+    /// `None` (the default) for a store that cannot search itself.
+    async fn count_for_search(&self) -> Result<Option<usize>, StoreError> {
+        Ok(None)
+    }
 }

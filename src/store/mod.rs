@@ -1,11 +1,13 @@
 //! Durable storage of enrolled users: the `FaceStore` trait and its implementations
-//! (embedded SQLite by default; MongoDB when `MONGO_URI` is set, in its own module).
+//! (embedded SQLite by default; MongoDB when `MONGO_URI` is set, PostgreSQL when `DATABASE_URL`
+//! is, each in its own module).
 //! The store is the truth; the in-memory gallery is rebuilt from it at start and follows
 //! every write after the store has accepted it.
 
 pub mod faces;
 pub mod mongo;
 pub mod policy;
+pub mod postgres;
 pub mod sqlite;
 
 use std::time::SystemTime;
@@ -62,6 +64,7 @@ pub type UserBatches = std::sync::mpsc::SyncSender<Vec<UserRecord>>;
 pub enum StoreKind {
     Sqlite,
     Mongodb,
+    Postgres,
 }
 
 #[derive(Debug, thiserror::Error)]
