@@ -5,8 +5,6 @@
 //! `cargo test --release --test decode_budget -- --nocapture` prints the figures quoted in the
 //! README's Hardening section.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use facerec::face::FaceError;
@@ -17,48 +15,16 @@ use facerec::face::image::{ImageLimits, decode, decode_within};
 // The largest single allocation (Rust side: the PNG decoder, buffers; libjpeg's own mallocs are
 // not seen here).
 
-struct PeakAlloc;
-
-thread_local! {
-    static PEAK: Cell<usize> = const { Cell::new(0) };
-}
-
-fn note(size: usize) {
-    let _ = PEAK.try_with(|p| p.set(p.get().max(size)));
-}
-
-// SAFETY: every call is forwarded to the system allocator unchanged.
-unsafe impl GlobalAlloc for PeakAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        // SAFETY: forwarded with the caller's guarantees.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note(layout.size());
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note(new_size);
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+mod peak_alloc;
 
 #[global_allocator]
-static GLOBAL: PeakAlloc = PeakAlloc;
+static GLOBAL: peak_alloc::PeakAlloc = peak_alloc::PeakAlloc;
 
 /// `f`'s result, its wall time, its CPU time, and the largest single allocation it made.
 fn measure<T>(f: impl FnOnce() -> T) -> (T, Duration, Duration, usize) {
-    PEAK.with(|p| p.set(0));
     let (t, cpu) = (Instant::now(), thread_cpu_time());
-    let out = f();
-    (out, t.elapsed(), thread_cpu_time().saturating_sub(cpu), PEAK.with(Cell::get))
+    let (out, peak) = peak_alloc::peak_alloc(f);
+    (out, t.elapsed(), thread_cpu_time().saturating_sub(cpu), peak)
 }
 
 fn fixture(name: &str) -> Vec<u8> {
