@@ -98,15 +98,33 @@ async fn send_json(sink: &Sink, v: &Value) -> bool {
 }
 
 async fn run(socket: WebSocket, st: Arc<AppState>, credential: Option<Credential>) {
-    let (tx, mut rx) = socket.split();
+    let (tx, rx) = socket.split();
     let sink: Sink = Arc::new(Mutex::new(tx));
     let m = metrics::global();
     let hub = &st.streams.hub;
-    let Some(_slot) = hub.enter() else {
-        m.refused();
-        close(&sink, CLOSE_TRY_LATER, format!("too many streams: {} open (STREAM_MAX_STREAMS)", hub.max())).await;
-        return;
+    let outcome = match hub.enter() {
+        // The slot is given back before the close frame goes out, so that a client that opens its
+        // next stream as soon as this one is closed finds the place free.
+        Some(slot) => {
+            let outcome = session(rx, &sink, &st, credential).await;
+            drop(slot);
+            outcome
+        }
+        None => Some((CLOSE_TRY_LATER, format!("too many streams: {} open (STREAM_MAX_STREAMS)", hub.max()))),
     };
+    match outcome {
+        Some((code, why)) => {
+            m.refused();
+            close(&sink, code, why).await;
+        }
+        None => close(&sink, 1000, "").await,
+    }
+}
+
+/// One admitted stream, from its credentials to its last answer: why it ends (`None`: the client
+/// closed or the socket failed).
+async fn session(mut rx: SplitStream<WebSocket>, sink: &Sink, st: &Arc<AppState>, credential: Option<Credential>) -> Option<(u16, String)> {
+    let m = metrics::global();
     let _open = m.opened();
     let limit = st.streams.max_frame_bytes();
     // Credentials: from the subprotocols, else the first message (which may hold a frame too).
@@ -120,11 +138,7 @@ async fn run(socket: WebSocket, st: Arc<AppState>, credential: Option<Credential
                     first = Some(msg);
                     c
                 }
-                Ok(Some(Err(Refusal::Close(code, why)))) => {
-                    m.refused();
-                    close(&sink, code, why).await;
-                    return;
-                }
+                Ok(Some(Err(Refusal::Close(code, why)))) => return Some((code, why)),
                 _ => None,
             },
         };
@@ -133,9 +147,7 @@ async fn run(socket: WebSocket, st: Arc<AppState>, credential: Option<Credential
             None => Err("credentials required: send {\"api_key\": ...} or {\"token\": ...} first, or use Sec-WebSocket-Protocol"),
         };
         if let Err(why) = verdict {
-            m.refused();
-            close(&sink, CLOSE_POLICY, format!("unauthorized: {why}")).await;
-            return;
+            return Some((CLOSE_POLICY, format!("unauthorized: {why}")));
         }
     }
     let ready = json!({
@@ -144,26 +156,20 @@ async fn run(socket: WebSocket, st: Arc<AppState>, credential: Option<Credential
         "max_frame_bytes": limit,
         "max_fps": st.streams.config.stream_max_fps,
     });
-    if !send_json(&sink, &ready).await {
-        return;
+    if !send_json(sink, &ready).await {
+        return None;
     }
     let state = StreamState::new(st.streams.tracker_options());
     let mailbox = Arc::new(Mailbox::<Pending>::new());
     let counts = Arc::new(Counts::default());
-    let processor = tokio::spawn(process(Arc::clone(&st), state, Arc::clone(&mailbox), Arc::clone(&sink), Arc::clone(&counts)));
-    let outcome = reader(&mut rx, first, &mailbox, &counts, limit, st.streams.config.stream_max_fps, &sink).await;
+    let processor = tokio::spawn(process(Arc::clone(st), state, Arc::clone(&mailbox), Arc::clone(sink), Arc::clone(&counts)));
+    let outcome = reader(&mut rx, first, &mailbox, &counts, limit, st.streams.config.stream_max_fps, sink).await;
     if mailbox.close() {
         counts.dropped.fetch_add(1, Ordering::Relaxed);
         m.dropped(1);
     }
     let _ = processor.await;
-    match outcome {
-        Some((code, why)) => {
-            m.refused();
-            close(&sink, code, why).await;
-        }
-        None => close(&sink, 1000, "").await,
-    }
+    outcome
 }
 
 /// Why the reader stopped taking messages.
