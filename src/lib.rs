@@ -9,7 +9,6 @@
 
 pub mod api;
 pub mod audit;
-pub mod audit_read;
 pub mod bench;
 pub mod bench_recognize;
 pub mod civil;

@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use crate::audit_read;
+use crate::audit::read as audit_read;
 use crate::error::{ApiError, ErrorCode};
 use crate::face::image::{ImageKind, sniff};
 
