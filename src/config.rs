@@ -296,6 +296,11 @@ pub struct ServeConfig {
     #[arg(long, env = "SAVE_CROPS", default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub save_crops: bool,
 
+    /// The longest audit log line in bytes (at least 65536). A longer one refers to its crops by
+    /// their file in PHOTO_DIR (`crop_file`) instead of carrying them, else is cut to a summary.
+    #[arg(long, env = "LOG_MAX_LINE_BYTES", default_value_t = crate::audit::DEFAULT_MAX_LINE_BYTES, value_parser = parse_line_cap)]
+    pub log_max_line_bytes: usize,
+
     /// Days after which crops and rotated audit logs are removed (0: keep forever). When set, LOG_FILE
     /// rotates daily (UTC) into <name>-YYYY-MM-DD.<ext>; a sweep runs at start and hourly.
     #[arg(long, env = "RETENTION_DAYS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=36_500))]
@@ -330,6 +335,13 @@ pub struct ServeConfig {
     /// MAX_CROPS crops of 256 KiB each (a crowd frame of a few hundred faces).
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 128 * 1024 * 1024)]
     pub max_body_bytes: usize,
+
+    /// Bytes of request bodies being answered at once, at most (each counts its Content-Length,
+    /// MAX_BODY_BYTES without one); past it: 429 `overloaded` before the body is read. At least
+    /// MAX_BODY_BYTES. Memory grows by about 6 times this over its idle size with large /recognize
+    /// bodies (measured: 3 bodies of 19 MB, +344 MB).
+    #[arg(long, env = "REQUEST_BYTES_IN_FLIGHT", default_value_t = crate::api::DEFAULT_BYTES_IN_FLIGHT)]
+    pub request_bytes_in_flight: usize,
 
     /// Most entries in one /recognize body (more: 413 `too_many_crops`).
     #[arg(long, env = "MAX_CROPS", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -414,6 +426,12 @@ impl ServeConfig {
         if self.max_body_bytes < 1024 {
             return Err(format!("MAX_BODY_BYTES {} is too small (at least 1024)", self.max_body_bytes));
         }
+        if self.request_bytes_in_flight < self.max_body_bytes {
+            return Err(format!(
+                "REQUEST_BYTES_IN_FLIGHT {} is below MAX_BODY_BYTES {}: the largest body could never be taken",
+                self.request_bytes_in_flight, self.max_body_bytes
+            ));
+        }
         if let Some(uri) = self.mongo()
             && !(uri.starts_with("mongodb://") || uri.starts_with("mongodb+srv://"))
         {
@@ -488,6 +506,7 @@ impl ServeConfig {
             max_crops: self.max_crops as usize,
             max_files: self.max_files as usize,
             max_name_chars: self.max_name_chars as usize,
+            bytes_in_flight: self.request_bytes_in_flight,
         }
     }
 
@@ -584,6 +603,15 @@ pub fn parse_megapixels(s: &str) -> Result<f64, String> {
     let v: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number of megapixels"))?;
     if !(v > 0.0 && v <= 1000.0) {
         return Err(format!("{v} megapixels must be more than 0 and at most 1000"));
+    }
+    Ok(v)
+}
+
+/// LOG_MAX_LINE_BYTES: at least the summary size.
+pub fn parse_line_cap(s: &str) -> Result<usize, String> {
+    let v: usize = s.trim().parse().map_err(|_| format!("'{s}' is not a number of bytes"))?;
+    if v < crate::audit::cap::MIN_LINE_BYTES {
+        return Err(format!("{v} bytes is below the least line cap, {}", crate::audit::cap::MIN_LINE_BYTES));
     }
     Ok(v)
 }

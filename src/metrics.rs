@@ -121,6 +121,7 @@ pub struct Metrics {
     started: SystemTime,
     routes: RwLock<HashMap<String, Arc<RouteSeries>>>,
     in_flight: AtomicI64,
+    body_bytes: AtomicI64,
     queue_time: Histogram,
     inference_time: Histogram,
     error_codes: RwLock<BTreeMap<&'static str, AtomicU64>>,
@@ -155,6 +156,7 @@ impl Metrics {
             started: SystemTime::now(),
             routes: RwLock::new(HashMap::new()),
             in_flight: AtomicI64::new(0),
+            body_bytes: AtomicI64::new(0),
             queue_time: Histogram::new(ENGINE_TIME_BUCKETS),
             inference_time: Histogram::new(ENGINE_TIME_BUCKETS),
             error_codes: RwLock::new(BTreeMap::new()),
@@ -167,6 +169,13 @@ impl Metrics {
     pub fn in_flight(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(&self.in_flight)
+    }
+
+    /// Counts `bytes` of request bodies held in the budget until the guard is dropped.
+    pub fn body_bytes_held(&self, bytes: u64) -> BodyBytes<'_> {
+        let n = i64::try_from(bytes).unwrap_or(i64::MAX);
+        self.body_bytes.fetch_add(n, Ordering::Relaxed);
+        BodyBytes(&self.body_bytes, n)
     }
 
     /// Records a finished request.
@@ -208,6 +217,11 @@ impl Metrics {
         let started = self.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         out.gauge("facerec_process_start_time_seconds", "Start time of the process since the Unix epoch, in seconds.", started);
         out.gauge("facerec_http_requests_in_flight", "Requests being answered now.", self.in_flight.load(Ordering::Relaxed) as f64);
+        out.gauge(
+            "facerec_http_request_body_bytes_in_flight",
+            "Bytes of request bodies held in the REQUEST_BYTES_IN_FLIGHT budget now.",
+            self.body_bytes.load(Ordering::Relaxed) as f64,
+        );
 
         let routes: Vec<(String, Arc<RouteSeries>)> = {
             let mut v: Vec<_> = read(&self.routes).iter().map(|(k, s)| (k.clone(), Arc::clone(s))).collect();
@@ -272,6 +286,16 @@ pub struct InFlight<'a>(&'a AtomicI64);
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Bytes of request bodies held, given back on drop.
+#[derive(Debug)]
+pub struct BodyBytes<'a>(&'a AtomicI64, i64);
+
+impl Drop for BodyBytes<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 

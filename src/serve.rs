@@ -90,6 +90,7 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Assembled> {
         queue: 1024,
         save_crops: cfg.save_crops,
         retention_days: cfg.retention_days,
+        max_line_bytes: cfg.log_max_line_bytes,
     })
     .await
     .with_context(|| format!("preparing {} and {}", cfg.log_file.display(), cfg.photo_dir.display()))?;

@@ -182,7 +182,10 @@ fn limits_default_to_the_documented_values() {
     let cli = Cli::parse_from(["facerec"]);
     let c = &cli.serve;
     assert_eq!(c.max_body_bytes, 128 * 1024 * 1024);
-    assert_eq!(c.request_limits(), facerec::api::RequestLimits { max_crops: 512, max_files: 32, max_name_chars: 128 });
+    assert_eq!(
+        c.request_limits(),
+        facerec::api::RequestLimits { max_crops: 512, max_files: 32, max_name_chars: 128, bytes_in_flight: 256 * 1024 * 1024 }
+    );
     assert_eq!(c.request_limits(), facerec::api::RequestLimits::default());
     assert_eq!(c.legacy_status, facerec::api::LegacyStatus::Original);
     assert!(!c.aligned_input && !c.analyzer_options().aligned_input);

@@ -57,11 +57,16 @@ pub struct RequestLimits {
     pub max_files: usize,
     /// Longest `username` or `displayName`, in characters (MAX_NAME_CHARS).
     pub max_name_chars: usize,
+    /// Bytes of request bodies in flight at most (REQUEST_BYTES_IN_FLIGHT): see [`super::budget`].
+    pub bytes_in_flight: usize,
 }
+
+/// The default REQUEST_BYTES_IN_FLIGHT: twice the default MAX_BODY_BYTES.
+pub const DEFAULT_BYTES_IN_FLIGHT: usize = 256 * 1024 * 1024;
 
 impl Default for RequestLimits {
     fn default() -> Self {
-        RequestLimits { max_crops: 512, max_files: 32, max_name_chars: 128 }
+        RequestLimits { max_crops: 512, max_files: 32, max_name_chars: 128, bytes_in_flight: DEFAULT_BYTES_IN_FLIGHT }
     }
 }
 

@@ -4,6 +4,7 @@
 //! `faces` (the second API), `health`, `ready`, `metrics`.
 
 pub mod auth;
+pub mod budget;
 mod docs;
 pub mod error;
 mod extract;
@@ -32,7 +33,7 @@ use utoipa_swagger_ui::SwaggerUi;
 pub use crate::error::{ApiError, ErrorCode};
 pub use crate::service::LegacyStatus;
 use crate::service::Service;
-pub use extract::{RequestLimits, looks_like_unknown};
+pub use extract::{DEFAULT_BYTES_IN_FLIGHT, RequestLimits, looks_like_unknown};
 
 /// Everything a handler may use: the service, and what only HTTP needs (authentication, the
 /// request limits, how the original contract frames its answers, the last recognition for
@@ -181,6 +182,7 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics::metrics))
         // Authenticates itself (first message or Sec-WebSocket-Protocol: browsers set no headers).
         .route("/api/stream", get(stream::stream));
+    let budget = budget::BodyBudget::new(state.limits.bytes_in_flight, max_body_bytes);
     let api = protected.merge(public).with_state(state).layer(axum::middleware::from_fn(timing::engine_timing));
     // The reference pages run only their own scripts (compiled into the binary).
     let reference = Router::new()
@@ -193,6 +195,8 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        // Before a byte of a body is read: its declared length in the budget, or 429.
+        .layer(axum::middleware::from_fn_with_state(budget, budget::hold_body_bytes))
         // A panicking handler answers `internal`; any plain-text error (axum's rejections)
         // becomes catalogue JSON.
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(error::panic_response))

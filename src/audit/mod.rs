@@ -74,6 +74,8 @@ pub const DEFAULT_LOG_FILE: &str = "logs.txt";
 pub const DEFAULT_PHOTO_DIR: &str = "photo";
 /// Records that may wait for the writer before `record` waits for room.
 pub const DEFAULT_QUEUE: usize = 1024;
+/// The default LOG_MAX_LINE_BYTES: 1 MiB.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 1024 * 1024;
 /// The file in the photo folder that keeps the highest counter given out, once crops are removed.
 pub const COUNTER_FILE: &str = ".photo_counter";
 /// How often the retention sweep runs (besides at start).
@@ -104,12 +106,21 @@ pub struct AuditConfig {
     pub save_crops: bool,
     /// Days after which crops and rotated logs are removed; 0 keeps everything (the default).
     pub retention_days: u32,
+    /// The longest line written (LOG_MAX_LINE_BYTES; at least [`cap::MIN_LINE_BYTES`]): see [`cap`].
+    pub max_line_bytes: usize,
 }
 
 impl AuditConfig {
     /// A configuration with the default queue size, crops saved and kept forever.
     pub fn new(log_file: impl Into<PathBuf>, photo_dir: impl Into<PathBuf>) -> Self {
-        Self { log_file: log_file.into(), photo_dir: photo_dir.into(), queue: DEFAULT_QUEUE, save_crops: true, retention_days: 0 }
+        Self {
+            log_file: log_file.into(),
+            photo_dir: photo_dir.into(),
+            queue: DEFAULT_QUEUE,
+            save_crops: true,
+            retention_days: 0,
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+        }
     }
 }
 
@@ -128,6 +139,9 @@ pub struct Crop {
     pub bytes: Vec<u8>,
     /// The file extension without the dot, like "jpg", "png", "webp", "bmp" (1 to 10 ASCII letters or digits).
     pub ext: &'static str,
+    /// Where the line carries this crop as base64 (a JSON pointer such as `/bboxes/0/crop`): a
+    /// line over the cap refers to the saved file there instead.
+    pub at: Option<String>,
 }
 
 /// One recognition: its log line and its crops.
@@ -265,6 +279,7 @@ impl AuditHandle {
     }
 }
 
+pub mod cap;
 mod files;
 mod names;
 pub mod read;

@@ -30,7 +30,7 @@ impl Drop for TempDir {
 }
 
 fn crop(name: &str, bytes: &[u8], ext: &'static str) -> Crop {
-    Crop { name: name.to_owned(), bytes: bytes.to_vec(), ext }
+    Crop { name: name.to_owned(), bytes: bytes.to_vec(), ext, at: None }
 }
 
 fn log_lines(cfg: &AuditConfig) -> Vec<serde_json::Value> {

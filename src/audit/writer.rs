@@ -10,6 +10,7 @@ pub(super) struct Writer {
     pub(super) photo_dir: PathBuf,
     pub(super) save_crops: bool,
     pub(super) retention_days: u32,
+    pub(super) max_line_bytes: usize,
     /// The next photo counter; trusted once `scanned`.
     pub(super) next: u64,
     /// Whether the photo folder has been scanned for the highest counter.
@@ -33,6 +34,7 @@ impl Writer {
             photo_dir: cfg.photo_dir.clone(),
             save_crops: cfg.save_crops,
             retention_days: cfg.retention_days,
+            max_line_bytes: cfg.max_line_bytes,
             next: 1,
             scanned: false,
             log_day: day_of(now),
@@ -86,8 +88,6 @@ impl Writer {
         if self.panic_on_record == Some(self.records) {
             panic!("injected fault: the audit writer panics on record {}", self.records);
         }
-        let mut line = serde_json::to_vec(&rec.line)?;
-        line.push(b'\n');
         let mut names = Vec::with_capacity(rec.crops.len());
         let mut crop_error = None;
         if self.save_crops {
@@ -101,6 +101,7 @@ impl Writer {
                 }
             }
         }
+        let line = super::cap::fit(rec.line, &rec.crops, &names, self.max_line_bytes)?;
         self.append(&line)?;
         match crop_error {
             Some(e) => Err(e),

@@ -146,9 +146,30 @@ impl Service {
     /// Appends one answered recognition to the audit trail: `line` (the answer's `meta`) and each
     /// verdict's crop under its name. A disk fault does not fail the recognition: the writer
     /// warns and counts it.
-    pub async fn record_recognition(&self, line: serde_json::Value, verdicts: Vec<CropVerdict>) {
-        let crops =
-            verdicts.into_iter().filter_map(|v| v.crop.map(|(bytes, kind)| Crop { name: v.name, bytes, ext: kind.extension() })).collect();
+    ///
+    /// An entry whose crop is not an image keeps its place in the line but not its bytes (`crop`
+    /// null, `crop_omitted` saying why and how long it was): a client cannot fill the disk with
+    /// what no one can look at.
+    pub async fn record_recognition(&self, mut line: serde_json::Value, verdicts: Vec<CropVerdict>) {
+        if let Some(entries) = line.get_mut("bboxes").and_then(serde_json::Value::as_array_mut) {
+            for (entry, v) in entries.iter_mut().zip(&verdicts) {
+                let Some(fields) = entry.as_object_mut() else { continue };
+                if v.crop.is_none()
+                    && let Some(len) = fields.get("crop").and_then(serde_json::Value::as_str).map(str::len)
+                {
+                    let code = v.error.as_ref().map_or("invalid_image", |e| e.code.as_str());
+                    fields.insert("crop".into(), serde_json::Value::Null);
+                    fields.insert("crop_omitted".into(), serde_json::json!(format!("{code}: {len} characters, not an image")));
+                }
+            }
+        }
+        let crops = verdicts
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                v.crop.map(|(bytes, kind)| Crop { name: v.name, bytes, ext: kind.extension(), at: Some(format!("/bboxes/{i}/crop")) })
+            })
+            .collect();
         if let Err(e) = self.audit.record(AuditRecord { line, crops }).await {
             tracing::debug!(error = %e, "recognition answered without its full audit record");
         }

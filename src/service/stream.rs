@@ -142,8 +142,14 @@ impl Service {
             })
             .collect();
         line.insert("bboxes".into(), Value::Array(entries));
-        let crops =
-            identified.iter().zip(pngs).filter_map(|(f, png)| png.map(|bytes| Crop { name: f.name.clone(), bytes, ext: "png" })).collect();
+        let crops = identified
+            .iter()
+            .zip(pngs)
+            .enumerate()
+            .filter_map(|(i, (f, png))| {
+                png.map(|bytes| Crop { name: f.name.clone(), bytes, ext: "png", at: Some(format!("/bboxes/{i}/crop")) })
+            })
+            .collect();
         if let Err(e) = self.audit.record(AuditRecord { line: Value::Object(line), crops }).await {
             tracing::debug!(error = %e, "stream frame answered without its full audit record");
         }
