@@ -175,6 +175,7 @@ fn console_enrols_names_the_live_camera_and_lists_activity() {
     assert_eq!(hit[0], "Alice Martin", "{hit}");
     let score = hit[1].as_f64().unwrap_or(-1.0);
     assert!((0.4..=1.0).contains(&score), "score {score} for another photo of the same person");
+    eprintln!("Faces: img11.jpg searched against img6.jpg's record: score {score:.3}");
     b.wait_for("the record's thumbnail", "document.querySelector('#faces-table img')?.naturalWidth > 0", PAGE_WAIT);
     shot(&mut b, &shots, "2-faces.png");
 
@@ -193,6 +194,8 @@ fn console_enrols_names_the_live_camera_and_lists_activity() {
     let stats: serde_json::Value = serde_json::from_str(stats.as_str().unwrap_or("{}")).unwrap_or_default();
     let answered: u64 = stats["answered"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
     assert!(answered >= 1 && stats["dropped"].is_string(), "Live shows sent/answered/dropped: {stats}");
+    let text = b.eval("document.getElementById('live-stats').textContent");
+    eprintln!("Live: {}", text.as_str().unwrap_or_default());
     shot(&mut b, &shots, "3-live.png");
     b.click("#live-stop");
 
