@@ -7,56 +7,19 @@
 //! Chromium is required: `scripts/test` installs it (`apt-get install chromium`); set CHROMIUM
 //! to use another binary. A missing Chromium fails the test, it is never skipped.
 
+mod browser_support;
 mod support;
 
 use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use browser_support::{CHROMIUM_FLAGS, chromium, target_dir};
 use support::{Server, TempDir, tail, wait_bounded};
 
 /// Bound on one Chromium run (it takes about 2 s here).
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// The flags this machine needs, and a network cut off from everything but the service.
-const CHROMIUM_FLAGS: &[&str] = &[
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-proxy-server",
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-    "--enable-logging=stderr",
-    "--v=0",
-    "--virtual-time-budget=10000",
-];
-
-/// Chromium: $CHROMIUM, else `chromium` or `chromium-browser` on PATH, else /usr/bin/chromium.
-fn chromium() -> PathBuf {
-    if let Some(p) = std::env::var_os("CHROMIUM").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        assert!(p.is_file(), "CHROMIUM={} is not a file", p.display());
-        return p;
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for name in ["chromium", "chromium-browser"] {
-        if let Some(found) = std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()) {
-            return found;
-        }
-    }
-    let fallback = PathBuf::from("/usr/bin/chromium");
-    assert!(
-        fallback.is_file(),
-        "Chromium is not installed (no chromium or chromium-browser on PATH, CHROMIUM unset): run `scripts/test`, \
-         which installs it, or `apt-get install chromium`"
-    );
-    fallback
-}
 
 /// What one headless Chromium run gave.
 struct Run {
@@ -65,21 +28,15 @@ struct Run {
 }
 
 impl Run {
-    /// What Chromium reported the page's Content-Security-Policy refused of the page's own
-    /// (scripts, styles, workers, requests to this server). Loads from other hosts being refused
-    /// is the policy at work (ReDoc's footer links its logo from cdn.redoc.ly), not a failure.
+    /// What the page's Content-Security-Policy refused of the page's own (ReDoc's footer logo
+    /// from cdn.redoc.ly being refused is the policy at work, not a failure).
     fn csp_violations(&self) -> Vec<&str> {
-        let off_host = |l: &str| (l.contains("'https://") || l.contains("'http://")) && !l.contains("'http://127.0.0.1");
-        self.stderr
-            .lines()
-            .filter(|l| l.contains("Content Security Policy") || l.contains("Content-Security-Policy"))
-            .filter(|l| !off_host(l))
-            .collect()
+        browser_support::csp_violations(&self.stderr)
     }
 
-    /// The page's console messages (Chromium logs them as `INFO:CONSOLE`).
+    /// The page's console messages.
     fn console(&self) -> Vec<&str> {
-        self.stderr.lines().filter(|l| l.contains(":CONSOLE")).collect()
+        browser_support::console_lines(&self.stderr)
     }
 }
 
@@ -93,6 +50,8 @@ fn browse(work: &Path, tag: &str, extra: &[&str], url: &str) -> Run {
     let exe = chromium();
     let mut child = Command::new(&exe)
         .args(CHROMIUM_FLAGS)
+        // Timers run ahead in virtual time, so the page has rendered when the DOM is dumped.
+        .arg("--virtual-time-budget=10000")
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(extra)
         .arg(url)
@@ -146,12 +105,6 @@ fn rendered_operations(dom: &str) -> Vec<(String, String, String)> {
         ops.push((method.to_ascii_uppercase(), visible_text(&path), visible_text(&summary[text_start..text_end]).trim().to_string()));
     }
     ops
-}
-
-/// The target folder (the parent of the folder holding the facerec binary).
-fn target_dir() -> PathBuf {
-    let exe = Path::new(env!("CARGO_BIN_EXE_facerec"));
-    exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_else(|| support::manifest_dir().join("target"))
 }
 
 /// Pixels within `tol` of `rgb`.

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod budget;
+mod console;
 mod docs;
 pub mod error;
 mod extract;
@@ -192,6 +193,7 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/redoc/redoc.init.js", get(docs::redoc_init))
         .layer(axum::middleware::map_response(docs::content_security_policy));
     api.merge(reference)
+        .merge(console::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -246,6 +248,9 @@ recognizer, run through ONNX Runtime, compared by cosine similarity with every e
 <h2>Enrol</h2>
 <pre>curl -s http://HOST:8000/users -H 'content-type: application/json' -d '{"username": "alice"}'
 curl -s http://HOST:8000/calculate_average_embedding -F username=alice -F files=@a1.jpg -F files=@a2.jpg</pre>
+<h2>Console</h2>
+<p><a href="/console">The web console (/console)</a>: people and enrolment, face records, the live
+camera through <code>/api/stream</code>, and the latest recognitions with their crops.</p>
 <h2>Reference</h2>
 <p><a href="/docs">Swagger UI (/docs)</a> · <a href="/redoc">ReDoc (/redoc)</a> ·
 <a href="/openapi.json">OpenAPI document</a> · <a href="/health">health</a></p>
