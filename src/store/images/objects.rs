@@ -205,6 +205,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreachable_endpoint_fails_the_probe_with_its_name() {
+        // TLS through ring, as `open` installs it (reqwest has no provider of its own here).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         // A port nothing listens on (bound, then closed).
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr").port();
         let s3 = AmazonS3Builder::new()
