@@ -77,7 +77,7 @@ pub async fn search(mut cfg: ServeConfig, opts: SearchBench) -> anyhow::Result<(
                 face_vec: synthetic_vector(i as u64 + 1, crate::store::EMBEDDING_DIM),
                 model_id: model_id.clone(),
             };
-            store.insert_face(&record, &image).await?;
+            store.insert_face(&record, Some(&image)).await?;
         }
         println!("stored {} synthetic face records in {:.1} s", opts.faces - have, started.elapsed().as_secs_f64());
     }

@@ -414,6 +414,9 @@ pub struct ServeConfig {
     pub stream: crate::stream::StreamConfig,
 
     #[command(flatten)]
+    pub images: crate::store::images::ImageStoreConfig,
+
+    #[command(flatten)]
     pub models: ModelConfig,
 }
 

@@ -127,6 +127,7 @@ pub struct Metrics {
     error_codes: RwLock<BTreeMap<&'static str, AtomicU64>>,
     store_unavailable: AtomicU64,
     store_internal: AtomicU64,
+    image_orphans: AtomicU64,
 }
 
 /// The kind of a store failure, as counted.
@@ -162,6 +163,7 @@ impl Metrics {
             error_codes: RwLock::new(BTreeMap::new()),
             store_unavailable: AtomicU64::new(0),
             store_internal: AtomicU64::new(0),
+            image_orphans: AtomicU64::new(0),
         }
     }
 
@@ -202,6 +204,11 @@ impl Metrics {
             StoreFailure::Internal => &self.store_internal,
         }
         .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an image object left in the image store without a record (its delete failed).
+    pub fn image_orphan(&self) {
+        self.image_orphans.fetch_add(1, Ordering::Relaxed);
     }
 
     fn route(&self, route: &str) -> Arc<RouteSeries> {
@@ -276,6 +283,11 @@ impl Metrics {
         );
         out.sample("facerec_store_errors_total", &[("kind", "unavailable")], self.store_unavailable.load(Ordering::Relaxed) as f64);
         out.sample("facerec_store_errors_total", &[("kind", "internal")], self.store_internal.load(Ordering::Relaxed) as f64);
+        out.counter(
+            "facerec_image_orphans_total",
+            "Image objects left in the image store (IMAGE_STORE) without a record: their delete failed (logged with the key).",
+            self.image_orphans.load(Ordering::Relaxed),
+        );
     }
 }
 

@@ -40,6 +40,7 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Assembled> {
         Some(url) => Some(Arc::new(PgStore::connect(url, cfg.pg_options()).await.context("DATABASE_URL")?)),
         None => None,
     };
+    let images = cfg.images.open().await.map_err(anyhow::Error::msg)?;
     let models = cfg.models.clone();
     let workers = usize::from(cfg.workers);
     let (runtime, files) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -100,8 +101,8 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Assembled> {
         search: cfg.search_options(),
         face_search: cfg.face_search_options(),
     };
-    let service =
-        Arc::new(Service::open(engine, store, faces, audit, options).await.context("loading users and face records from the store")?);
+    let service = Service::open(engine, store, faces, audit, options).await.context("loading users and face records from the store")?;
+    let service = Arc::new(service.with_images(images));
     tracing::info!(
         provider = %info.provider,
         backend = %info.backend,

@@ -10,6 +10,8 @@ use std::process::{Command, Output};
 
 /// Variables read outside clap: tracing's filter, and the Python interpreter of the fetch.
 const NOT_FLAGS: &[&str] = &["RUST_LOG", "FACEREC_PYTHON"];
+/// The usual AWS variables, read by the S3 client of IMAGE_STORE (object_store), not by clap.
+const AWS_VARS: &[&str] = &["AWS_ENDPOINT_URL", "AWS_ALLOW_HTTP", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"];
 
 fn repo_file(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
@@ -246,6 +248,58 @@ fn compose_matches_the_binary() {
     // A stop grace period above SHUTDOWN_TIMEOUT (both in seconds here).
     let secs = |s: &str| s.trim_end_matches('s').parse::<u64>().unwrap_or_else(|_| panic!("{s}: write whole seconds like 20s"));
     assert!(secs(&service["stop_grace_period"]) > secs(&env["SHUTDOWN_TIMEOUT"]));
+}
+
+#[test]
+fn compose_postgres_profile_matches_the_binary() {
+    let flags = serve_flags();
+    let compose = repo_file("docker-compose.yml");
+    let service = |name: &str| yaml_map(&yaml_block(&compose, &["services", name]));
+    let env_of = |name: &str| yaml_map(&yaml_block(&compose, &["services", name, "environment"]));
+    assert_eq!(service("postgres")["image"], "pgvector/pgvector:pg16");
+    assert!(service("minio")["image"].starts_with("minio/minio"));
+    for name in ["postgres", "minio", "minio-init", "facerec-pg"] {
+        assert_eq!(service(name)["profiles"], r#"["postgres"]"#, "{name} is in the optional profile only");
+    }
+    let facerec = service("facerec-pg");
+    assert_eq!(facerec["build"], ".");
+    let env = env_of("facerec-pg");
+    let (aws, ours): (BTreeMap<String, String>, BTreeMap<String, String>) =
+        env.clone().into_iter().partition(|(k, _)| AWS_VARS.contains(&k.as_str()));
+    assert_eq!(aws.len(), AWS_VARS.len(), "every AWS variable the image store needs: {aws:?}");
+    assert_flags(ours.keys().cloned(), &flags, "docker-compose.yml (facerec-pg)");
+    assert!(!env.contains_key("MONGO_URI"), "MONGO_URI would win over DATABASE_URL");
+    assert_values_parse(&env, "compose-pg");
+    // DATABASE_URL reaches the postgres service with its user, password and database.
+    let pg = env_of("postgres");
+    let url = format!("postgres://{}:{}@postgres:5432/{}", pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"]);
+    assert_eq!(env["DATABASE_URL"], url);
+    // IMAGE_STORE's bucket is the one minio-init makes, on MinIO with its root keys.
+    let (minio, init) = (env_of("minio"), env_of("minio-init"));
+    let bucket = env["IMAGE_STORE"].strip_prefix("s3://").and_then(|r| r.split('/').next()).expect("IMAGE_STORE=s3://BUCKET/PREFIX");
+    assert_eq!(init["BUCKET"], bucket);
+    assert!(service("minio-init")["entrypoint"].contains("mc mb --ignore-existing"), "minio-init makes the bucket");
+    assert_eq!(env["AWS_ENDPOINT_URL"], "http://minio:9000");
+    assert_eq!(env["AWS_ALLOW_HTTP"], "true", "MinIO answers plain http here");
+    assert_eq!(
+        (env["AWS_ACCESS_KEY_ID"].as_str(), env["AWS_SECRET_ACCESS_KEY"].as_str()),
+        (minio["MINIO_ROOT_USER"].as_str(), minio["MINIO_ROOT_PASSWORD"].as_str())
+    );
+    assert_eq!(
+        (init["MINIO_ROOT_USER"].as_str(), init["MINIO_ROOT_PASSWORD"].as_str()),
+        (minio["MINIO_ROOT_USER"].as_str(), minio["MINIO_ROOT_PASSWORD"].as_str())
+    );
+    // Its folders are mounted, and it stops after SHUTDOWN_TIMEOUT.
+    let mounts: Vec<String> = yaml_block(&compose, &["services", "facerec-pg", "volumes"])
+        .iter()
+        .filter_map(|l| l.trim_start_matches("- ").split(':').nth(1).map(str::to_owned))
+        .collect();
+    let parent = |p: &str| Path::new(p).parent().unwrap().to_str().unwrap().to_owned();
+    for dir in [parent(&env["DATABASE_PATH"]), env["PHOTO_DIR"].clone(), parent(&env["LOG_FILE"])] {
+        assert!(mounts.contains(&dir), "{dir} is not mounted ({mounts:?})");
+    }
+    let secs = |s: &str| s.trim_end_matches('s').parse::<u64>().unwrap_or_else(|_| panic!("{s}: write whole seconds like 20s"));
+    assert!(secs(&facerec["stop_grace_period"]) > secs(&env["SHUTDOWN_TIMEOUT"]));
 }
 
 #[test]

@@ -582,21 +582,21 @@ async fn face_records_contract_on_a_real_server() {
     let uri = Secantus::shared().uri("faces_contract");
     let s = store(&uri).await;
     let img = StoredImage { bytes: vec![0xff, 0xd8, 0, 1, 2, 3], content_type: "image/jpeg".into() };
-    s.insert_face(&face_record("a", "Ann", 2, 0), &img).await.unwrap();
-    s.insert_face(&face_record("b", "Bob", 1, 1), &img).await.unwrap();
+    s.insert_face(&face_record("a", "Ann", 2, 0), Some(&img)).await.unwrap();
+    s.insert_face(&face_record("b", "Bob", 1, 1), Some(&img)).await.unwrap();
     let mut other = face_record("c", "Cy", 3, 2);
     other.model_id = "m2".into();
-    s.insert_face(&other, &img).await.unwrap();
+    s.insert_face(&other, Some(&img)).await.unwrap();
 
     // An id is never overwritten: the second insert fails and changes nothing.
     let dup = StoredImage { bytes: vec![9; 4], content_type: "image/png".into() };
-    assert!(matches!(s.insert_face(&face_record("a", "Dup", 4, 7), &dup).await, Err(StoreError::Internal(_))));
+    assert!(matches!(s.insert_face(&face_record("a", "Dup", 4, 7), Some(&dup)).await, Err(StoreError::Internal(_))));
     assert_eq!(s.get_face("a").await.unwrap(), Some(face_record("a", "Ann", 2, 0)), "round trip, exactly");
     assert_eq!(s.get_face_image("a").await.unwrap(), Some(img.clone()));
     // A malformed vector never reaches the server.
     let mut bad = face_record("d", "Di", 5, 3);
     bad.face_vec.truncate(3);
-    assert!(matches!(s.insert_face(&bad, &img).await, Err(StoreError::Internal(_))));
+    assert!(matches!(s.insert_face(&bad, Some(&img)).await, Err(StoreError::Internal(_))));
     assert_eq!(s.get_face("d").await.unwrap(), None);
 
     // The layout: the other API's fields, doubles, a BSON date; the image as binary, apart.
@@ -674,7 +674,7 @@ async fn face_record_writes_in_an_outage_are_unavailable_and_change_nothing() {
     let uri = server.uri("faces_outage");
     let s = store(&uri).await;
     let img = StoredImage { bytes: vec![1, 2, 3], content_type: "image/png".into() };
-    s.insert_face(&face_record("kept", "Kay", 1, 0), &img).await.unwrap();
+    s.insert_face(&face_record("kept", "Kay", 1, 0), Some(&img)).await.unwrap();
 
     let mut server = tokio::task::spawn_blocking(move || {
         server.stop();
@@ -683,7 +683,7 @@ async fn face_record_writes_in_an_outage_are_unavailable_and_change_nothing() {
     .await
     .unwrap();
     for (what, result) in [
-        ("insert", s.insert_face(&face_record("new", "Nu", 2, 1), &img).await.map(|_| ())),
+        ("insert", s.insert_face(&face_record("new", "Nu", 2, 1), Some(&img)).await.map(|_| ())),
         ("delete", s.delete_face("kept").await.map(|_| ())),
         ("get", s.get_face("kept").await.map(|_| ())),
         ("image", s.get_face_image("kept").await.map(|_| ())),
@@ -712,7 +712,7 @@ async fn face_record_writes_in_an_outage_are_unavailable_and_change_nothing() {
     assert_eq!((total, page[0].id.as_str()), (1, "kept"));
     let (faces, images) = dump_faces(&uri);
     assert_eq!((faces.len(), images.as_object().map(|o| o.len())), (1, Some(1)), "no orphan image of the failed insert");
-    s.insert_face(&face_record("new", "Nu", 2, 1), &img).await.unwrap();
+    s.insert_face(&face_record("new", "Nu", 2, 1), Some(&img)).await.unwrap();
     assert!(s.delete_face("kept").await.unwrap());
     drop(server);
 }

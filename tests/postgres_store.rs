@@ -116,8 +116,8 @@ fn the_store_contract_holds_and_ten_concurrent_enrolments_all_count() {
         // Face records: record and image together, listed oldest first, deleted together.
         let id = uuid::Uuid::new_v4().to_string();
         let image = StoredImage { bytes: fixture("img5.jpg"), content_type: "image/jpeg".into() };
-        store.insert_face(&record(&id, unit(7)), &image).await.expect("inserted");
-        assert!(store.insert_face(&record(&id, unit(7)), &image).await.is_err(), "the id is taken");
+        store.insert_face(&record(&id, unit(7)), Some(&image)).await.expect("inserted");
+        assert!(store.insert_face(&record(&id, unit(7)), Some(&image)).await.is_err(), "the id is taken");
         assert_eq!(store.get_face(&id).await.unwrap().expect("found").face_vec, unit(7));
         assert_eq!(store.get_face_image(&id).await.unwrap().expect("image"), image);
         assert_eq!(store.get_face("not-a-uuid").await.unwrap(), None);

@@ -224,7 +224,7 @@ pub async fn encode(State(st): State<Arc<AppState>>, form: Form) -> Result<Json<
         (status = 413, description = "Too large (`payload_too_large`, `image_too_large`)", body = ErrorBody),
         (status = 422, description = "No face (`no_face_detected`)", body = ErrorBody),
         (status = 429, description = "Inference queue full (`overloaded`)", body = ErrorBody),
-        (status = 503, description = "Database unavailable; nothing stored (`store_unavailable`)", body = ErrorBody),
+        (status = 503, description = "Database or image store (IMAGE_STORE) unavailable; nothing stored (`store_unavailable`)", body = ErrorBody),
     ),
     security(("bearer" = []), ("api_key" = []))
 )]
@@ -300,6 +300,7 @@ pub async fn get_face(State(st): State<Arc<AppState>>, Path(id): Path<String>) -
         (status = 200, description = "The image as registered", content_type = "image/*", body = Vec<u8>),
         (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
         (status = 404, description = "No such record (`face_not_found`)", body = ErrorBody),
+        (status = 503, description = "Database or image store (IMAGE_STORE) unavailable (`store_unavailable`)", body = ErrorBody),
     ),
     security(("bearer" = []), ("api_key" = []))
 )]

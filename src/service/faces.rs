@@ -1,5 +1,6 @@
 //! The second API's use cases: single images in, vectors and matches out. Face records live in
-//! the store (record and image together) and, for search, in the face index.
+//! the store (record and image together, or the image in the image store: IMAGE_STORE) and, for
+//! search, in the face index.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -10,6 +11,7 @@ use crate::face::{Face, cosine, most_prominent};
 use crate::gallery::RecordMatch;
 use crate::store::StoreError;
 use crate::store::faces::{FaceRecord, FaceRecordStore, StoredImage};
+use crate::store::images::ImageObjects;
 
 /// Largest image kept by register (MongoDB documents stop at 16 MiB).
 pub const MAX_STORED_IMAGE: usize = 15 << 20;
@@ -110,12 +112,50 @@ impl Service {
             model_id: self.model_id().to_owned(),
         };
         let stored = StoredImage { bytes: image, content_type: media_type(kind).into() };
-        let _w = self.writes.lock().await;
-        self.faces.insert_face(&record, &stored).await?;
-        if !self.search_in_store {
-            self.face_index.insert(&record);
+        let Some(images) = &self.images else {
+            // Record and image in one write of the store.
+            let _w = self.writes.lock().await;
+            self.faces.insert_face(&record, Some(&stored)).await?;
+            self.index_new(&record);
+            return Ok(record);
+        };
+        // The object first (outside the write lock: uploads run in parallel), then the row; a
+        // row that cannot be written takes its object back.
+        images.put(&record.id, &stored).await.map_err(image_store_down)?;
+        let inserted = {
+            let _w = self.writes.lock().await;
+            let inserted = self.faces.insert_face(&record, None).await;
+            if inserted.is_ok() {
+                self.index_new(&record);
+            }
+            inserted
+        };
+        if let Err(e) = inserted {
+            // A write that timed out may still have landed: its object stays while the row might.
+            match self.faces.get_face(&record.id).await {
+                Ok(None) => self.drop_image(images, &record.id, "after a failed insert").await,
+                _ => {
+                    tracing::warn!(id = %record.id, "face record {}: its insert failed ({e}) and may have landed; its image is kept", record.id)
+                }
+            }
+            return Err(e.into());
         }
         Ok(record)
+    }
+
+    fn index_new(&self, record: &FaceRecord) {
+        if !self.search_in_store {
+            self.face_index.insert(record);
+        }
+    }
+
+    /// Deletes the object of a record that is gone (or never was): a failure is logged and counted
+    /// (`facerec_image_orphans_total`), the object is left behind, no row points at it.
+    async fn drop_image(&self, images: &ImageObjects, id: &str, when: &str) {
+        if let Err(e) = images.delete(id).await {
+            crate::metrics::global().image_orphan();
+            tracing::warn!(id, object = %images.key(id), "the image of face record {id} stays in the image store {when}: {e}");
+        }
     }
 
     /// Registers each `(display name, image)` as [`Service::register`] does, a few at a time
@@ -161,9 +201,21 @@ impl Service {
         self.faces.get_face(id).await?.ok_or_else(|| face_not_found(id))
     }
 
-    /// A record's image (`face_not_found` when absent).
+    /// A record's image (`face_not_found` when absent). With an image store, the record is
+    /// looked up first (the row is the truth: an object without one is not served); an image
+    /// registered before IMAGE_STORE was set is still read from the store.
     pub async fn face_image(&self, id: &str) -> Result<StoredImage, ApiError> {
-        self.faces.get_face_image(id).await?.ok_or_else(|| face_not_found(id))
+        let Some(images) = &self.images else {
+            return self.faces.get_face_image(id).await?.ok_or_else(|| face_not_found(id));
+        };
+        self.face(id).await?;
+        if let Some(image) = images.get(id).await.map_err(image_store_down)? {
+            return Ok(image);
+        }
+        self.faces
+            .get_face_image(id)
+            .await?
+            .ok_or_else(|| ApiError::new(ErrorCode::FaceNotFound, format!("face record '{id}' has no image in {}", images.describe())))
     }
 
     /// Records oldest first, `limit` from `offset`, and the total count.
@@ -171,15 +223,28 @@ impl Service {
         Ok(self.faces.list_faces(limit, offset).await?)
     }
 
-    /// Record, image and vector gone (`face_not_found` when absent).
+    /// Record, image and vector gone (`face_not_found` when absent). With an image store, the row
+    /// goes first, then the object (see [`Service::drop_image`]).
     pub async fn delete_face(&self, id: &str) -> Result<(), ApiError> {
-        let _w = self.writes.lock().await;
-        if !self.faces.delete_face(id).await? {
-            return Err(face_not_found(id));
+        {
+            let _w = self.writes.lock().await;
+            if !self.faces.delete_face(id).await? {
+                return Err(face_not_found(id));
+            }
+            self.face_index.remove(id);
         }
-        self.face_index.remove(id);
+        if let Some(images) = &self.images {
+            self.drop_image(images, id, "after its record was deleted").await;
+        }
         Ok(())
     }
+}
+
+/// The image store failed: nothing was changed by this call (503, `store_unavailable`).
+fn image_store_down(e: StoreError) -> ApiError {
+    crate::metrics::global().store_failure(crate::metrics::StoreFailure::Unavailable);
+    tracing::warn!(reason = %e, "image store unavailable");
+    ApiError::new(ErrorCode::StoreUnavailable, "the image store is unavailable: nothing was changed; retry later")
 }
 
 fn face_not_found(id: &str) -> ApiError {

@@ -26,6 +26,7 @@ use crate::audit::AuditHandle;
 use crate::engine::Engine;
 use crate::gallery::{FaceIndex, Gallery, SearchOptions};
 use crate::store::faces::FaceRecordStore;
+use crate::store::images::ImageObjects;
 use crate::store::{FaceStore, StoreError, StoreKind};
 
 pub use recognition::{CropVerdict, Enrolled, LegacyStatus, SkippedFile, looks_like_unknown};
@@ -78,6 +79,8 @@ pub struct Service {
     start: StartCounts,
     /// `/api/face/search` runs in the store (its index), not on `face_index` (left empty).
     search_in_store: bool,
+    /// Where registered images go (IMAGE_STORE); `None`: with their record, in the store.
+    images: Option<Arc<ImageObjects>>,
 }
 
 impl Service {
@@ -113,7 +116,19 @@ impl Service {
             options,
             start,
             search_in_store,
+            images: None,
         })
+    }
+
+    /// Registered images kept in `images` (IMAGE_STORE) rather than with their record.
+    pub fn with_images(mut self, images: Option<ImageObjects>) -> Service {
+        self.images = images.map(Arc::new);
+        self
+    }
+
+    /// The image store, when images are not kept with their record.
+    pub fn image_store(&self) -> Option<&ImageObjects> {
+        self.images.as_deref()
     }
 
     /// Starts following other replicas' writes when the store is shared (MongoDB): users into

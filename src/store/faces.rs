@@ -78,12 +78,13 @@ pub trait FaceRecordStore: Send + Sync + 'static {
     /// Every record of `model_id` (vectors included, images not).
     async fn load_faces(&self, model_id: &str) -> Result<LoadedFaces, StoreError>;
 
-    /// Stores a record and its image together (both or neither).
-    async fn insert_face(&self, record: &FaceRecord, image: &StoredImage) -> Result<(), StoreError>;
+    /// Stores a record and its image together (both or neither); `None`: the image is kept
+    /// elsewhere (an image store, see `store::images`), the record alone is stored.
+    async fn insert_face(&self, record: &FaceRecord, image: Option<&StoredImage>) -> Result<(), StoreError>;
 
     async fn get_face(&self, id: &str) -> Result<Option<FaceRecord>, StoreError>;
 
-    /// The record's image.
+    /// The record's image, when it is kept in this store.
     async fn get_face_image(&self, id: &str) -> Result<Option<StoredImage>, StoreError>;
 
     /// Records oldest first, `limit` from `offset`, and the total count.

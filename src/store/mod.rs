@@ -5,6 +5,7 @@
 //! every write after the store has accepted it.
 
 pub mod faces;
+pub mod images;
 pub mod mongo;
 pub mod policy;
 pub mod postgres;

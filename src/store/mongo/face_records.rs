@@ -226,23 +226,26 @@ impl FaceRecordStore for MongoStore {
         Ok(out)
     }
 
-    async fn insert_face(&self, record: &FaceRecord, image: &StoredImage) -> Result<(), StoreError> {
+    async fn insert_face(&self, record: &FaceRecord, image: Option<&StoredImage>) -> Result<(), StoreError> {
         if record.face_vec.len() != EMBEDDING_DIM || record.face_vec.iter().any(|v| !v.is_finite()) {
             return Err(StoreError::Internal(format!("face record {} has a malformed vector", record.id)));
         }
-        let (record_doc, image_doc) = (record_document(record)?, image_document(&record.id, image)?);
+        let record_doc = record_document(record)?;
+        let image_doc = image.map(|image| image_document(&record.id, image)).transpose()?;
         let exists = || StoreError::Internal(format!("face record {} already exists", record.id));
         if self.face_id_taken(&record.id).await? {
             return Err(exists());
         }
         // Image first: a record is never visible without its image.
-        match self.insert(&self.face_images(), image_doc, "storing a face image").await {
-            Written::Done => {}
-            // Someone else's image: leave it.
-            Written::Duplicate => return Err(exists()),
-            Written::Failed(e) => {
-                self.undo_insert(&record.id, false).await;
-                return Err(e);
+        if let Some(image_doc) = image_doc {
+            match self.insert(&self.face_images(), image_doc, "storing a face image").await {
+                Written::Done => {}
+                // Someone else's image: leave it.
+                Written::Duplicate => return Err(exists()),
+                Written::Failed(e) => {
+                    self.undo_insert(&record.id, false).await;
+                    return Err(e);
+                }
             }
         }
         match self.insert(&self.faces(), record_doc, "storing a face record").await {

@@ -122,7 +122,7 @@ impl FaceRecordStore for PgStore {
         Ok(out)
     }
 
-    async fn insert_face(&self, record: &FaceRecord, image: &StoredImage) -> Result<(), StoreError> {
+    async fn insert_face(&self, record: &FaceRecord, image: Option<&StoredImage>) -> Result<(), StoreError> {
         if record.face_vec.len() != EMBEDDING_DIM || record.face_vec.iter().any(|v| !v.is_finite()) {
             return Err(StoreError::Internal(format!("face record {} has a malformed vector", record.id)));
         }
@@ -143,12 +143,14 @@ impl FaceRecordStore for PgStore {
                 Err(e) if is_unique_violation(&e) => return Err(StoreError::Internal(format!("face record {id} already exists"))),
                 Err(e) => return Err(pg_err("", &e)),
             }
-            tx.execute(
-                "insert into face_images (id, content_type, bytes) values ($1::text::uuid, $2, $3)",
-                &[&id, &image.content_type, &image.bytes],
-            )
-            .await
-            .map_err(|e| pg_err("storing its image", &e))?;
+            if let Some(image) = image {
+                tx.execute(
+                    "insert into face_images (id, content_type, bytes) values ($1::text::uuid, $2, $3)",
+                    &[&id, &image.content_type, &image.bytes],
+                )
+                .await
+                .map_err(|e| pg_err("storing its image", &e))?;
+            }
             tx.commit().await.map_err(|e| pg_err("committing", &e))
         })
         .await

@@ -63,11 +63,11 @@ impl FaceRecordStore for SqliteStore {
         .await
     }
 
-    async fn insert_face(&self, record: &FaceRecord, image: &StoredImage) -> Result<(), StoreError> {
+    async fn insert_face(&self, record: &FaceRecord, image: Option<&StoredImage>) -> Result<(), StoreError> {
         if record.face_vec.len() != EMBEDDING_DIM || record.face_vec.iter().any(|v| !v.is_finite()) {
             return Err(StoreError::Internal(format!("face record {} has a malformed vector", record.id)));
         }
-        let (record, image) = (record.clone(), image.clone());
+        let (record, image) = (record.clone(), image.cloned());
         self.call(move |conn| {
             let tx = conn.transaction().map_err(sql_err)?;
             tx.execute(
@@ -82,11 +82,13 @@ impl FaceRecordStore for SqliteStore {
                 ],
             )
             .map_err(sql_err)?;
-            tx.execute(
-                "INSERT INTO face_images (id, content_type, bytes) VALUES (?1, ?2, ?3)",
-                params![record.id, image.content_type, image.bytes],
-            )
-            .map_err(sql_err)?;
+            if let Some(image) = image {
+                tx.execute(
+                    "INSERT INTO face_images (id, content_type, bytes) VALUES (?1, ?2, ?3)",
+                    params![record.id, image.content_type, image.bytes],
+                )
+                .map_err(sql_err)?;
+            }
             tx.commit().map_err(sql_err)
         })
         .await
@@ -171,16 +173,16 @@ mod tests {
     async fn records_round_trip_with_their_images() {
         let s = store();
         let img = StoredImage { bytes: vec![1, 2, 3], content_type: "image/jpeg".into() };
-        s.insert_face(&record("a", "Ann", 2, 0), &img).await.expect("insert");
-        s.insert_face(&record("b", "Bob", 1, 1), &img).await.expect("insert");
+        s.insert_face(&record("a", "Ann", 2, 0), Some(&img)).await.expect("insert");
+        s.insert_face(&record("b", "Bob", 1, 1), Some(&img)).await.expect("insert");
         let mut other = record("c", "Cy", 3, 2);
         other.model_id = "m2".into();
-        s.insert_face(&other, &img).await.expect("insert");
+        s.insert_face(&other, Some(&img)).await.expect("insert");
         // Written by another tool without a recognizer id: ours, as on every store (store::policy).
         let mut foreign = record("d", "Di", 5, 3);
         foreign.model_id = String::new();
-        s.insert_face(&foreign, &img).await.expect("insert");
-        assert!(s.insert_face(&record("a", "Dup", 4, 0), &img).await.is_err(), "ids are unique");
+        s.insert_face(&foreign, Some(&img)).await.expect("insert");
+        assert!(s.insert_face(&record("a", "Dup", 4, 0), Some(&img)).await.is_err(), "ids are unique");
 
         let got = s.get_face("a").await.expect("get").expect("present");
         assert_eq!(got, record("a", "Ann", 2, 0));

@@ -1,0 +1,245 @@
+//! moto's S3 server for the tests: PyPI's `moto[server]==5.2.5`, installed by the harness itself
+//! into `target/moto-venv` (once; a lock file keeps parallel test binaries from racing, as
+//! `pg_support` does), started with `moto_server -H 127.0.0.1 -p PORT` on a free port and
+//! stopped on drop (or by [`Moto::stop`], to make the image store fail). Its S3 API is spoken
+//! here over plain HTTP (moto checks no signature): buckets made and removed, objects listed and
+//! read, as another client of the bucket would. Every wait is bounded; nothing is skipped: a
+//! server that cannot be installed or started fails the test.
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::mongo_support::{Response, TempDir, free_port, request, tail};
+
+use std::io::{Read, Write};
+
+pub const REQUIREMENT: &str = "moto[server]==5.2.5";
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"), Path::to_path_buf)
+}
+
+/// `moto_server` of the venv (installed on first use).
+pub fn moto_server() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(install).clone()
+}
+
+fn run_bounded(cmd: &mut Command, limit: Duration, log: &Path, what: &str) {
+    let out = File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+    let err = out.try_clone().expect("log handle");
+    let mut child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    assert!(status.is_some_and(|s| s.success()), "{what} failed ({status:?}); its output ends with:\n{}", tail(log, 4000));
+}
+
+fn install() -> PathBuf {
+    let venv = target_dir().join("moto-venv");
+    let python = venv.join("bin/python");
+    let marker = venv.join(".facerec-installed");
+    let bin = venv.join("bin/moto_server");
+    let found = || (fs::read_to_string(&marker).ok()? == REQUIREMENT && bin.exists()).then(|| bin.clone());
+    if let Some(bin) = found() {
+        return bin;
+    }
+    fs::create_dir_all(target_dir()).expect("target dir");
+    let lock_path = target_dir().join("moto-venv.lock");
+    let lock = File::create(&lock_path).unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
+    let deadline = Instant::now() + INSTALL_TIMEOUT + Duration::from_secs(60);
+    while lock.try_lock().is_err() {
+        assert!(Instant::now() < deadline, "another test binary held {} too long", lock_path.display());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if let Some(bin) = found() {
+        return bin;
+    }
+    let host_python = std::env::var("FACEREC_PYTHON").unwrap_or_else(|_| "python3".into());
+    let log = target_dir().join("moto-venv-install.log");
+    eprintln!("installing {REQUIREMENT} into {} (first run only)", venv.display());
+    let mut pip = if python.exists() || Command::new(&host_python).args(["-m", "venv"]).arg(&venv).status().is_ok_and(|s| s.success()) {
+        let mut c = Command::new(&python);
+        c.args(["-m", "pip"]);
+        c
+    } else {
+        // No ensurepip (Debian without python3-venv): the interpreter's own pip fills the venv.
+        let _ = fs::remove_dir_all(&venv);
+        run_bounded(Command::new(&host_python).args(["-m", "venv", "--without-pip"]).arg(&venv), Duration::from_secs(120), &log, "venv");
+        let mut c = Command::new(&host_python);
+        c.args(["-m", "pip", "--python"]).arg(&python);
+        c
+    };
+    pip.args(["install", "--disable-pip-version-check", "--no-input", "--quiet", REQUIREMENT]);
+    run_bounded(&mut pip, INSTALL_TIMEOUT, &log, "pip install moto[server]");
+    fs::write(&marker, REQUIREMENT).expect("install marker");
+    found().expect("bin/moto_server after the install")
+}
+
+/// A moto S3 server of its own (state in memory); stopped on drop.
+pub struct Moto {
+    child: Option<Child>,
+    pub port: u16,
+    dir: TempDir,
+}
+
+impl Moto {
+    /// Starts `moto_server` on a free port and waits until it answers S3 requests.
+    pub fn start() -> Moto {
+        let bin = moto_server();
+        let dir = TempDir::new("moto");
+        let mut last = String::new();
+        for attempt in 0..3 {
+            let port = free_port();
+            let log = dir.path().join(format!("moto-{port}-{attempt}.log"));
+            let out = File::create(&log).expect("moto log");
+            let mut child = Command::new(&bin)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().expect("log handle"))
+                .stderr(out)
+                .spawn()
+                .expect("moto_server starts");
+            let deadline = Instant::now() + START_TIMEOUT;
+            loop {
+                if child.try_wait().ok().flatten().is_some() {
+                    last = tail(&log, 4000);
+                    break;
+                }
+                if request(port, "GET", "/", None, b"", Duration::from_secs(5)).is_ok_and(|r| r.status == 200) {
+                    return Moto { child: Some(child), port, dir };
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("moto_server did not answer within {START_TIMEOUT:?}:\n{}", tail(&log, 4000));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if !last.contains("in use") {
+                break;
+            }
+        }
+        panic!("moto_server exited at start:\n{last}");
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The variables a facerec process needs to reach this server (and IMAGE_STORE=`store`).
+    pub fn env(&self, store: &str) -> Vec<(String, String)> {
+        [
+            ("IMAGE_STORE", store.to_owned()),
+            ("IMAGE_STORE_TIMEOUT", "10s".to_owned()),
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".to_owned()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+            ("AWS_ACCESS_KEY_ID", "testing".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".to_owned()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    fn call(&self, method: &str, path: &str) -> Response {
+        s3_request(self.port, method, path).unwrap_or_else(|e| panic!("moto {method} {path}: {e}")).0
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        let r = self.call("PUT", &format!("/{bucket}"));
+        assert_eq!(r.status, 200, "creating bucket {bucket}: {}", r.text());
+    }
+
+    /// Removes a bucket and everything in it.
+    pub fn remove_bucket(&self, bucket: &str) {
+        for key in self.keys(bucket, "") {
+            let r = self.call("DELETE", &format!("/{bucket}/{key}"));
+            assert_eq!(r.status, 204, "deleting {key}: {}", r.text());
+        }
+        let r = self.call("DELETE", &format!("/{bucket}"));
+        assert_eq!(r.status, 204, "removing bucket {bucket}: {}", r.text());
+    }
+
+    /// The keys under `prefix` (ListObjectsV2, up to 1000), sorted.
+    pub fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let r = self.call("GET", &format!("/{bucket}?list-type=2&max-keys=1000&prefix={prefix}"));
+        assert_eq!(r.status, 200, "listing {bucket}: {}", r.text());
+        let text = r.text();
+        let mut keys: Vec<String> = text.split("<Key>").skip(1).filter_map(|s| s.split("</Key>").next()).map(str::to_owned).collect();
+        keys.sort();
+        keys
+    }
+
+    /// An object's bytes; `None` when absent.
+    pub fn object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let r = self.call("GET", &format!("/{bucket}/{key}"));
+        match r.status {
+            200 => Some(r.body),
+            404 => None,
+            s => panic!("reading {key}: {s} {}", r.text()),
+        }
+    }
+
+    /// An object's Content-Type, as another client reads it (HEAD).
+    pub fn content_type(&self, bucket: &str, key: &str) -> Option<String> {
+        let (r, head) = s3_request(self.port, "HEAD", &format!("/{bucket}/{key}")).unwrap_or_else(|e| panic!("moto HEAD {key}: {e}"));
+        assert_eq!(r.status, 200, "HEAD {key}");
+        head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type:").map(|v| v.trim().to_owned()))
+    }
+
+    /// Stops the server (the image store then fails).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One S3 request to moto (`Connection: close`): the answer and its header block. moto refuses
+/// some unsigned requests (HEAD, DELETE) with 403, so an Authorization header is sent; moto
+/// checks no signature.
+fn s3_request(port: u16, method: &str, path: &str) -> std::io::Result<(Response, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    s.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    let auth = "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0";
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {auth}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no end of headers"))?;
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad status line"))?;
+    Ok((Response { status, body: raw[end + 4..].to_vec() }, head))
+}
