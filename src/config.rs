@@ -402,6 +402,9 @@ pub struct ServeConfig {
     pub stream: crate::stream::StreamConfig,
 
     #[command(flatten)]
+    pub connections: crate::serve::conn::ConnectionConfig,
+
+    #[command(flatten)]
     pub models: ModelConfig,
 }
 

@@ -9,6 +9,8 @@
 //! process serves one router. Recording costs a read lock on a map (new label sets only
 //! take the write lock once) and a few relaxed atomic adds.
 
+pub mod connections;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -262,6 +264,7 @@ impl Metrics {
         );
         out.sample("facerec_store_errors_total", &[("kind", "unavailable")], self.store_unavailable.load(Ordering::Relaxed) as f64);
         out.sample("facerec_store_errors_total", &[("kind", "internal")], self.store_internal.load(Ordering::Relaxed) as f64);
+        connections::global().render(out);
     }
 }
 
