@@ -81,7 +81,7 @@ const MAX_BUF_BYTES: usize = 128 * 1024;
 
 /// Largest request line and headers together (larger: 431 `header_too_large`, or 414
 /// `uri_too_long` when the URI alone is).
-const MAX_HEADER_BYTES: usize = 64 * 1024;
+const MAX_HEADER_BYTES: usize = 96 * 1024;
 
 /// How many connections may be open: `wanted`, lowered to fit the open-file limit (raising the
 /// soft limit to the hard one first, as far as needed).
@@ -403,7 +403,7 @@ fn replace_hyper_error(buf: &[u8]) -> Option<Vec<u8>> {
             431,
             "Request Header Fields Too Large",
             "header_too_large",
-            "the request's headers are too large (at most 64 KiB and 100 fields)",
+            "the request's headers are too large (at most 96 KiB and 100 fields)",
         ),
         "400" => (400, "Bad Request", "invalid_request", "the request could not be parsed as HTTP/1.1"),
         _ => return None,
