@@ -295,7 +295,8 @@ fn measure_slowloris_and_idle_flood() {
             let closed = |c: &mut TcpStream| {
                 let mut buf = [0u8; 16];
                 match c.read(&mut buf) {
-                    Ok(_) => true,
+                    // EOF (closed by the server) or an answer: either way it is done with.
+                    Ok(n) => n == 0 || n <= buf.len(),
                     Err(e) => e.kind() != ErrorKind::WouldBlock,
                 }
             };
