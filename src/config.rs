@@ -417,6 +417,9 @@ pub struct ServeConfig {
     pub images: crate::store::images::ImageStoreConfig,
 
     #[command(flatten)]
+    pub connections: crate::serve::conn::ConnectionConfig,
+
+    #[command(flatten)]
     pub models: ModelConfig,
 }
 

@@ -22,6 +22,12 @@ pub enum ErrorCode {
     InvalidImage,
     ImageTooLarge,
     PayloadTooLarge,
+    /// The request body stopped arriving for BODY_READ_TIMEOUT (408).
+    RequestTimeout,
+    /// The request line's URI is too long (414, written for hyper's own answer).
+    UriTooLong,
+    /// The request's headers are too large (431, written for hyper's own answer).
+    HeaderTooLarge,
     UnsupportedMediaType,
     CrossOrigin,
     TooManyCrops,
@@ -53,6 +59,9 @@ impl ErrorCode {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::CrossOrigin => StatusCode::FORBIDDEN,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
+            Self::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UserExists | Self::ModelMismatch => StatusCode::CONFLICT,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
@@ -70,6 +79,9 @@ impl ErrorCode {
             Self::InvalidImage => "invalid_image",
             Self::ImageTooLarge => "image_too_large",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::RequestTimeout => "request_timeout",
+            Self::UriTooLong => "uri_too_long",
+            Self::HeaderTooLarge => "header_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::CrossOrigin => "cross_origin",
             Self::TooManyCrops => "too_many_crops",

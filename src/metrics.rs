@@ -9,6 +9,8 @@
 //! process serves one router. Recording costs a read lock on a map (new label sets only
 //! take the write lock once) and a few relaxed atomic adds.
 
+pub mod connections;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -288,6 +290,7 @@ impl Metrics {
             "Image objects left in the image store (IMAGE_STORE) without a record: their delete failed (logged with the key).",
             self.image_orphans.load(Ordering::Relaxed),
         );
+        connections::global().render(out);
     }
 }
 

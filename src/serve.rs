@@ -1,7 +1,10 @@
 //! `facerec serve`: wires the runtime, engine, store, gallery and audit writer together,
 //! then serves HTTP until SIGINT/SIGTERM, finishing in-flight requests and the audit queue.
+//! Connections and their limits: [`conn`].
 
-use std::net::SocketAddr;
+pub mod conn;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -50,6 +53,7 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Assembled> {
     })
     .await??;
     let runtime = Arc::new(runtime);
+    private_files();
     let engine_cfg = EngineConfig {
         workers: usize::from(cfg.workers),
         queue: cfg.queue_size as usize,
@@ -130,8 +134,27 @@ pub async fn build(cfg: &ServeConfig) -> anyhow::Result<Assembled> {
 /// writes and syncs what the audit trail still holds (bounded the same way) and returns `Ok`.
 pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let service = build(&cfg).await?;
-    let host = if cfg.host == "localhost" { "127.0.0.1" } else { cfg.host.as_str() };
-    let addr: SocketAddr = format!("{host}:{}", cfg.port).parse().with_context(|| format!("HOST {} / PORT {}", cfg.host, cfg.port))?;
+    let requested: IpAddr = if cfg.host == "localhost" {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        cfg.host.parse().with_context(|| format!("HOST {}", cfg.host))?
+    };
+    let ip = listen_ip(requested, service.state.auth.is_open(), cfg.connections.allow_open_access);
+    if ip != requested {
+        tracing::warn!(
+            host = %cfg.host,
+            listening_on = %ip,
+            "NO CREDENTIALS CONFIGURED: listening on the loopback only, not on HOST. Set API_KEYS or JWT_SECRET_KEY, \
+        or ALLOW_OPEN_ACCESS=true to open every endpoint to anyone on the network"
+        );
+    } else if service.state.auth.is_open() && !ip.is_loopback() {
+        tracing::warn!(
+            %ip,
+            "ALLOW_OPEN_ACCESS: NO CREDENTIALS and listening beyond the loopback: anyone who can reach this address may read, \
+        enrol and delete faces"
+        );
+    }
+    let addr = SocketAddr::new(ip, cfg.port);
     // Handlers first: from the moment we listen, a SIGTERM is a graceful stop, never the default kill.
     let mut signals = Signals::new().context("installing the SIGTERM/SIGINT handlers")?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
@@ -139,10 +162,16 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let audit = service.state.service.audit().clone();
     let state_engine = service.state.service.engine().clone();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, api::app(service.state, service.max_body_bytes)).with_graceful_shutdown(async move {
-        let _ = stopped.await;
-    });
-    let mut server = std::pin::pin!(server.into_future());
+    let router = api::app(service.state, service.max_body_bytes);
+    let cfg_connections = cfg.connections.clone();
+    let server = async move {
+        conn::serve(listener, router, cfg_connections, async move {
+            let _ = stopped.await;
+        })
+        .await;
+        Ok::<(), std::io::Error>(())
+    };
+    let mut server = std::pin::pin!(server);
     tokio::select! {
         served = &mut server => {
             // Only an accept loop failure ends serving before a signal.
@@ -218,5 +247,51 @@ impl Signals {
     async fn next(&mut self) -> &'static str {
         let _ = tokio::signal::ctrl_c().await;
         "Ctrl-C"
+    }
+}
+
+/// From here on, what the process creates (the database, the audit log, the photo folder and
+/// its crops: every face it holds) is readable by its own user only: files 0600, folders 0700.
+/// Set after the model pack is in place (its files get their own modes anyway).
+fn private_files() {
+    #[cfg(unix)]
+    // SAFETY: umask only changes the process's file-creation mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+/// Where to listen: `requested` (HOST), except that with no credentials configured (`open`) an
+/// address beyond the loopback becomes the loopback of its family unless the operator allowed
+/// open access (ALLOW_OPEN_ACCESS): a service anyone on the network may write to is never the
+/// result of a missing variable.
+pub fn listen_ip(requested: IpAddr, open: bool, allow_open_access: bool) -> IpAddr {
+    if !open || allow_open_access || requested.is_loopback() {
+        return requested;
+    }
+    match requested {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_service_listens_on_the_loopback_unless_allowed() {
+        let any4: IpAddr = "0.0.0.0".parse().expect("ip");
+        let any6: IpAddr = "::".parse().expect("ip");
+        let lan: IpAddr = "192.168.1.20".parse().expect("ip");
+        let lo4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let lo6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        assert_eq!(listen_ip(any4, true, false), lo4);
+        assert_eq!(listen_ip(lan, true, false), lo4);
+        assert_eq!(listen_ip(any6, true, false), lo6);
+        assert_eq!(listen_ip(lo4, true, false), lo4);
+        assert_eq!(listen_ip(any4, true, true), any4, "explicitly allowed");
+        assert_eq!(listen_ip(any4, false, false), any4, "credentials configured");
+        assert_eq!(listen_ip(lan, false, false), lan);
     }
 }

@@ -487,6 +487,52 @@ fn cases() -> Vec<Case> {
             post_json("/users", &json!({"username": " alice "})),
             Refused(bad, "invalid_username"),
         ),
+        // Names that display like others (issue 15, item 8): one rule for usernames and displayNames.
+        case(
+            "POST /users: username with U+2060",
+            post_json("/users", &json!({"username": "ali\u{2060}ce"})),
+            Refused(bad, "invalid_username"),
+        ),
+        case(
+            "POST /users: username with a soft hyphen",
+            post_json("/users", &json!({"username": "ali\u{ad}ce"})),
+            Refused(bad, "invalid_username"),
+        ),
+        case(
+            "POST /users: username with a tag character",
+            post_json("/users", &json!({"username": "alice\u{e0041}"})),
+            Refused(bad, "invalid_username"),
+        ),
+        case(
+            "POST /users: username with U+2028",
+            post_json("/users", &json!({"username": "ali\u{2028}ce"})),
+            Refused(bad, "invalid_username"),
+        ),
+        case(
+            "POST /users: username with a Cyrillic o",
+            post_json("/users", &json!({"username": "b\u{43e}b"})),
+            Refused(bad, "invalid_username"),
+        ),
+        case(
+            "POST /users: fullwidth username",
+            post_json("/users", &json!({"username": "\u{ff41}lice"})),
+            Refused(bad, "invalid_username"),
+        ),
+        case(
+            "POST /users: username with a combining accent (not NFC)",
+            post_json("/users", &json!({"username": "Zoe\u{308}"})),
+            Refused(bad, "invalid_username"),
+        ),
+        case(
+            "register: displayName with surrounding spaces (no silent trimming)",
+            form("/api/face/register", &[text("displayName", " Alice "), file("image", face.clone())]),
+            Refused(bad, "invalid_username"),
+        ),
+        case(
+            "register: displayName mixing scripts",
+            form("/api/face/register", &[text("displayName", "Ali\u{441}e"), file("image", face.clone())]),
+            Refused(bad, "invalid_username"),
+        ),
         case("POST /users: username a number", post_json("/users", &json!({"username": 5})), Refused(bad, "invalid_request")),
         case("POST /users: no username", post_json("/users", &json!({})), Refused(bad, "invalid_request")),
         case(

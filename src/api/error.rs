@@ -18,6 +18,10 @@ impl IntoResponse for ApiError {
         if self.code == ErrorCode::Overloaded {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        // The rest of a body that stopped arriving will not be read: the connection ends here.
+        if self.code == ErrorCode::RequestTimeout {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         resp
     }
 }

@@ -39,13 +39,56 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
             ));
         }
         Bytes::from_request(req, state).await.map(JsonBody).map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            if timed_out(&e) {
+                body_timeout()
+            } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(ErrorCode::PayloadTooLarge, "request body is larger than MAX_BODY_BYTES")
             } else {
                 ApiError::new(ErrorCode::InvalidRequest, format!("could not read the request body: {e}"))
             }
         })
     }
+}
+
+/// Middleware: a request whose `Content-Length` is over MAX_BODY_BYTES is 413
+/// `payload_too_large` at once, before any of its body is read: hyper sends `100 Continue` only
+/// when the body is first read, so a client that asked for it (`Expect: 100-continue`) is told
+/// to stop before sending. The connection is closed after the answer (the body is not read).
+pub async fn refuse_declared_oversize(
+    axum::extract::State(max): axum::extract::State<usize>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        let mut resp = axum::response::IntoResponse::into_response(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            "request body is larger than MAX_BODY_BYTES",
+        ));
+        resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        return resp;
+    }
+    next.run(req).await
+}
+
+/// What tower-http's body timeout says when it fires (the multipart parser keeps only the text).
+const BODY_TIMEOUT_TEXT: &str = "within the designated timeout";
+
+/// Whether reading a body failed because it stopped arriving for BODY_READ_TIMEOUT.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<tower_http::timeout::TimeoutError>() || c.to_string().contains(BODY_TIMEOUT_TEXT) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// 408 `request_timeout`; the connection is closed after it (see `error`).
+fn body_timeout() -> ApiError {
+    ApiError::new(ErrorCode::RequestTimeout, "the request body stopped arriving for longer than BODY_READ_TIMEOUT")
 }
 
 /// Limits on what one request may ask for (the body's size is bounded by the router's layer).
@@ -118,7 +161,9 @@ impl Form {
 }
 
 fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    if timed_out(&e) || e.body_text().contains(BODY_TIMEOUT_TEXT) {
+        body_timeout()
+    } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(ErrorCode::PayloadTooLarge, "request body is larger than MAX_BODY_BYTES")
     } else {
         ApiError::new(ErrorCode::InvalidRequest, format!("malformed multipart body: {}", e.body_text()))
@@ -148,37 +193,23 @@ pub fn is_foreign_origin(headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
     normal(authority) != normal(&host)
 }
 
-/// Checks a username: see [`validate_name`].
+/// Checks the username of a user that should exist (a lookup): see [`super::names::check_existing`].
 pub fn validate_username(name: &str, limits: &RequestLimits) -> Result<(), ApiError> {
-    validate_name("username", name, limits)
+    super::names::check_existing("username", name, limits)
 }
 
-/// Checks a name given by a client (`username`, `displayName`): 1 to `max_name_chars`
-/// characters, no control characters (line breaks, NUL, escape sequences, bidirectional
-/// overrides), no surrounding white space. A name is data, never a path: where one ends up in
-/// a file name (the photo folder's crops), the audit writer makes it safe.
+/// Checks a new name given by a client (`displayName`, a new `username`): the one rule of
+/// [`super::names::check_new`]. A name is data, never a path: where one ends up in a file name
+/// (the photo folder's crops), the audit writer makes it safe.
 pub fn validate_name(field: &str, name: &str, limits: &RequestLimits) -> Result<(), ApiError> {
-    let bad = |why: String| Err(ApiError::new(ErrorCode::InvalidUsername, format!("invalid {field}: {why}")));
-    if name.is_empty() {
-        return bad("it is empty".into());
-    }
-    if name.chars().count() > limits.max_name_chars {
-        return bad(format!("it is longer than {} characters", limits.max_name_chars));
-    }
-    if name.chars().any(|c| c.is_control() || is_format_control(c)) {
-        return bad("it contains control characters".into());
-    }
-    if name.trim() != name {
-        return bad("it starts or ends with white space".into());
-    }
-    Ok(())
+    super::names::check_new(field, name, limits)
 }
 
 /// Checks the name of a new user: [`validate_username`], and not `Unknown <n>` in any case or
 /// spacing (`unknown 3`, `UNKNOWN_3`, `Unknown\u{a0}3`, `Unknown3`, `Unknown`): /recognize names
 /// unknown faces so, and a user of that name would look exactly like an unknown face.
 pub fn validate_new_username(name: &str, limits: &RequestLimits) -> Result<(), ApiError> {
-    validate_username(name, limits)?;
+    validate_name("username", name, limits)?;
     if looks_like_unknown(name) {
         return Err(ApiError::new(
             ErrorCode::InvalidUsername,
@@ -189,13 +220,6 @@ pub fn validate_new_username(name: &str, limits: &RequestLimits) -> Result<(), A
 }
 
 pub use crate::service::looks_like_unknown;
-
-/// Invisible characters that reorder or hide text (bidirectional overrides and isolates,
-/// zero-width space, the byte-order mark): harmless in storage, misleading in logs. Joiners
-/// (U+200C, U+200D) stay allowed: scripts and emoji need them.
-fn is_format_control(c: char) -> bool {
-    matches!(c, '\u{200b}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
-}
 
 #[cfg(test)]
 mod tests {

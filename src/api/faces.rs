@@ -162,13 +162,14 @@ fn required<'a>(parts: &'a HashMap<String, Part>, name: &str) -> Result<&'a Byte
 fn text(parts: &HashMap<String, Part>, name: &str) -> Result<Option<String>, ApiError> {
     parts
         .get(name)
-        .map(|p| String::from_utf8(p.bytes.to_vec()).map(|s| s.trim().to_string()))
+        .map(|p| String::from_utf8(p.bytes.to_vec()))
         .transpose()
         .map_err(|_| ApiError::new(ErrorCode::InvalidRequest, format!("`{name}` is not UTF-8 text")))
 }
 
 fn number<T: std::str::FromStr>(parts: &HashMap<String, Part>, name: &str) -> Result<Option<T>, ApiError> {
-    match text(parts, name)? {
+    // A number may come with white space around it (form fields typed by hand); names never do.
+    match text(parts, name)?.map(|s| s.trim().to_owned()) {
         None => Ok(None),
         Some(s) if s.is_empty() => Ok(None),
         Some(s) => {

@@ -13,6 +13,7 @@ pub mod faces;
 pub mod faces_batch;
 pub mod health;
 pub mod metrics;
+pub mod names;
 pub mod observe;
 pub mod ready;
 pub mod recognitions;
@@ -199,6 +200,9 @@ pub fn app(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .layer(DefaultBodyLimit::max(max_body_bytes))
         // Before a byte of a body is read: its declared length in the budget, or 429.
         .layer(axum::middleware::from_fn_with_state(budget, budget::hold_body_bytes))
+        // A declared length over the limit is refused before the body is read (and before
+        // `100 Continue` invites the client to send it).
+        .layer(axum::middleware::from_fn_with_state(max_body_bytes, extract::refuse_declared_oversize))
         // A panicking handler answers `internal`; any plain-text error (axum's rejections)
         // becomes catalogue JSON.
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(error::panic_response))

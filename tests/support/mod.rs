@@ -145,9 +145,15 @@ impl Server {
 
     /// [`Server::start`] with extra environment variables (set last: they win over the defaults).
     pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Server {
+        Server::start_limited(dir, env, None)
+    }
+
+    /// [`Server::start_with_env`] with the child's open-file limit (soft and hard) set to
+    /// `max_open_files` before it runs, when given.
+    pub fn start_limited(dir: &Path, env: &[(&str, &str)], max_open_files: Option<u64>) -> Server {
         let mut last_failure = String::new();
         for attempt in 1..=3 {
-            match Server::try_start(dir, attempt, env) {
+            match Server::try_start(dir, attempt, env, max_open_files) {
                 Ok(server) => return server,
                 Err(StartError::PortTaken(msg)) => last_failure = msg,
                 Err(StartError::Fatal(msg)) => panic!("{msg}"),
@@ -156,11 +162,21 @@ impl Server {
         panic!("facerec could not bind a free port three times:\n{last_failure}");
     }
 
-    fn try_start(dir: &Path, attempt: u32, env: &[(&str, &str)]) -> Result<Server, StartError> {
+    fn try_start(dir: &Path, attempt: u32, env: &[(&str, &str)], max_open_files: Option<u64>) -> Result<Server, StartError> {
         let port = free_port();
         let stderr_path = dir.join(format!("server-stderr-{}-{attempt}.log", std::process::id()));
         let stderr = File::create(&stderr_path).unwrap_or_else(|e| panic!("creating {}: {e}", stderr_path.display()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_facerec"));
+        if let Some(n) = max_open_files {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: only setrlimit, async-signal-safe, runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit { rlim_cur: n as libc::rlim_t, rlim_max: n as libc::rlim_t };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+                });
+            }
+        }
         // Settings of the developer's shell that would change what the test sees (auth, MongoDB,
         // limits) are not passed on; what the binary needs to fetch models (PATH, pip's settings) is.
         for (key, _) in std::env::vars_os() {
