@@ -314,7 +314,8 @@ pub struct ServeConfig {
     #[arg(long, env = "WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
 
-    /// Images waiting for inference at most; beyond it requests get 429.
+    /// Images waiting for inference at most; beyond it requests get 429 (a request with nothing
+    /// queued still gets its first image in, up to twice this: fair share).
     #[arg(long, env = "QUEUE_SIZE", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub queue_size: u32,
 

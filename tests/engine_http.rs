@@ -107,10 +107,12 @@ async fn overload_is_refused_at_once_and_every_engine_answer_is_timed() {
     let face = fixture("img6.jpg");
     assert_eq!(call(&state, post_json("/users", &json!({"username": "alice"}))).await.0, StatusCode::CREATED);
 
-    // Fill the engine: one image being computed, two waiting (QUEUE_SIZE=2).
+    // Fill the engine: one image being computed, four waiting (QUEUE_SIZE=2: a new request's
+    // first image is still taken up to twice the size, so that heavy requests cannot shut a
+    // light one out; each blocker is a request of its own).
     let slow = noise_image(3000);
     let mut blockers = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..5 {
         let engine = state.service.engine().clone();
         let slow = slow.clone();
         blockers.push(tokio::spawn(async move { engine.analyze(slow).await }));
@@ -119,7 +121,7 @@ async fn overload_is_refused_at_once_and_every_engine_answer_is_timed() {
             tokio::task::yield_now().await;
         }
     }
-    assert_eq!(state.service.engine().stats().queue_depth, 2, "{:?}", state.service.engine().stats());
+    assert_eq!(state.service.engine().stats().queue_depth, 4, "{:?}", state.service.engine().stats());
     for (path, req) in engine_requests(&face) {
         let (status, headers, body) = call(&state, req).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{path}: {body}");
@@ -127,7 +129,7 @@ async fn overload_is_refused_at_once_and_every_engine_answer_is_timed() {
         assert!(headers.get(header::RETRY_AFTER).is_some(), "{path}: Retry-After");
         assert!(headers.get("x-inference-time").is_none(), "{path}: the engine computed nothing");
     }
-    assert!(state.service.engine().stats().queue_depth == 2, "the refusals came while the queue was still full");
+    assert!(state.service.engine().stats().queue_depth == 4, "the refusals came while the queue was still full");
     assert!(state.service.engine().stats().jobs_rejected >= 7);
     for b in blockers {
         b.await.expect("joins").expect("the noise image is analysed (no face)");

@@ -365,7 +365,7 @@ impl Engine {
 
     async fn submit(&self, task: Task) -> Result<Analysis, EngineError> {
         let (reply, rx) = oneshot::channel();
-        match self.shared.queue.push(Job { task, enqueued: Instant::now(), reply }) {
+        match self.shared.queue.push(timing::share(), Job { task, enqueued: Instant::now(), reply }) {
             Pushed::Queued => self.shared.counters.update(|s| s.jobs_accepted += 1),
             Pushed::Full(_) => {
                 self.shared.counters.update(|s| s.jobs_rejected += 1);

@@ -4,6 +4,7 @@
 //! turns the result into response headers in one place. Knows nothing of HTTP.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,22 +27,35 @@ pub struct RequestTiming {
     pub jobs: u32,
 }
 
-/// Collects the timing of the engine calls made while it is in scope. Cloning is cheap.
-#[derive(Debug, Clone, Default)]
-pub struct TimingSink(Arc<Mutex<Option<RequestTiming>>>);
+/// Collects the timing of the engine calls made while it is in scope. Cloning is cheap. It is
+/// also the request's share of the engine: the queue takes the jobs of different sinks in turn.
+#[derive(Debug, Clone)]
+pub struct TimingSink {
+    times: Arc<Mutex<Option<RequestTiming>>>,
+    share: u64,
+}
+
+/// Share ids: one per sink, and one per engine call made outside any sink.
+static SHARES: AtomicU64 = AtomicU64::new(1);
+
+impl Default for TimingSink {
+    fn default() -> Self {
+        TimingSink::new()
+    }
+}
 
 impl TimingSink {
     pub fn new() -> TimingSink {
-        TimingSink::default()
+        TimingSink { times: Arc::default(), share: SHARES.fetch_add(1, Ordering::Relaxed) }
     }
 
     /// What was recorded; `None` when the engine computed nothing for this request.
     pub fn get(&self) -> Option<RequestTiming> {
-        self.0.lock().map(|g| *g).unwrap_or(None)
+        self.times.lock().map(|g| *g).unwrap_or(None)
     }
 
     fn record(&self, queue: Duration, inference: Duration) {
-        if let Ok(mut g) = self.0.lock() {
+        if let Ok(mut g) = self.times.lock() {
             let t = g.get_or_insert_with(RequestTiming::default);
             t.queue = t.queue.max(queue);
             t.inference = t.inference.max(inference);
@@ -62,6 +76,12 @@ pub fn carry<F: Future>(f: F) -> impl Future<Output = F::Output> {
         Ok(sink) => Either::Left(SINK.scope(sink, f)),
         Err(_) => Either::Right(f),
     }
+}
+
+/// The current request's share of the engine (its sink's); a call outside any sink is a share
+/// of its own.
+pub(crate) fn share() -> u64 {
+    SINK.try_with(|s| s.share).unwrap_or_else(|_| SHARES.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Records one computed image into the current request's sink, if any.
