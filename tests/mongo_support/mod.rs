@@ -27,7 +27,7 @@ pub fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn target_dir() -> PathBuf {
+pub fn target_dir() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).parent().map_or_else(|| manifest_dir().join("target"), Path::to_path_buf)
 }
 
@@ -69,7 +69,7 @@ pub fn free_port() -> u16 {
 
 /// Runs a command to completion within `limit`, its output in `log`; panics with the log's
 /// tail on failure or timeout.
-fn run_bounded(cmd: &mut Command, limit: Duration, log: &Path, what: &str) {
+pub fn run_bounded(cmd: &mut Command, limit: Duration, log: &Path, what: &str) {
     let out = File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
     let err = out.try_clone().expect("log handle");
     let mut child = cmd

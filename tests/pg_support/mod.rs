@@ -15,40 +15,16 @@ use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
 pub use crate::mongo_support::{Facerec, TempDir, fixture, free_port, tail, wait_until};
+use crate::mongo_support::{run_bounded, target_dir};
 
 pub const REQUIREMENT: &str = "pgserver==0.1.4";
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"), Path::to_path_buf)
-}
-
 /// `pgserver/pginstall` of the venv (installed on first use).
 pub fn pginstall() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(install).clone()
-}
-
-fn run_bounded(cmd: &mut Command, limit: Duration, log: &Path, what: &str) {
-    let out = File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
-    let err = out.try_clone().expect("log handle");
-    let mut child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-        }
-    };
-    assert!(status.is_some_and(|s| s.success()), "{what} failed ({status:?}); its output ends with:\n{}", tail(log, 4000));
 }
 
 fn install() -> PathBuf {

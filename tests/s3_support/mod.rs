@@ -8,12 +8,12 @@
 #![allow(dead_code)]
 
 use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::mongo_support::{Response, TempDir, free_port, request, tail};
+use crate::mongo_support::{Response, TempDir, free_port, request, run_bounded, tail, target_dir};
 
 use std::io::{Read, Write};
 
@@ -22,35 +22,10 @@ const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"), Path::to_path_buf)
-}
-
 /// `moto_server` of the venv (installed on first use).
 pub fn moto_server() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(install).clone()
-}
-
-fn run_bounded(cmd: &mut Command, limit: Duration, log: &Path, what: &str) {
-    let out = File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
-    let err = out.try_clone().expect("log handle");
-    let mut child = cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-        }
-    };
-    assert!(status.is_some_and(|s| s.success()), "{what} failed ({status:?}); its output ends with:\n{}", tail(log, 4000));
 }
 
 fn install() -> PathBuf {
