@@ -5,9 +5,7 @@
 //! `NAME::postgres` (a fresh database on a real PostgreSQL with pgvector, started by
 //! `pg_support`); never skipped: the test fails when a server cannot start.
 
-mod common;
-mod mongo_support;
-mod pg_support;
+mod support;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +16,6 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use common::{fixture, golden, pack_dir, runtime, temp_dir};
 use facerec::api::LegacyStatus;
 use facerec::api::auth::AuthConfig;
 use facerec::api::{AppState, app};
@@ -32,6 +29,8 @@ use facerec::store::faces::FaceRecordStore;
 use facerec::store::mongo::{MongoOptions, MongoStore};
 use facerec::store::postgres::{PgOptions, PgStore};
 use facerec::store::sqlite::SqliteStore;
+use support::fixture;
+use support::models::{golden, pack_dir, runtime, temp_dir};
 
 struct Harness {
     state: Arc<AppState>,
@@ -164,7 +163,7 @@ async fn pg_store() -> PgStore {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     let db = format!("api_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-    let url = tokio::task::spawn_blocking(move || pg_support::Postgres::shared().create_database(&db)).await.expect("postgres starts");
+    let url = tokio::task::spawn_blocking(move || support::pg::Postgres::shared().create_database(&db)).await.expect("postgres starts");
     let opts = PgOptions {
         connect_timeout: std::time::Duration::from_secs(60),
         op_timeout: std::time::Duration::from_secs(10),
@@ -179,7 +178,7 @@ async fn mongo_store() -> MongoStore {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     let db = format!("api_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-    let uri = tokio::task::spawn_blocking(move || mongo_support::Secantus::shared().uri(&db)).await.expect("secantusd starts");
+    let uri = tokio::task::spawn_blocking(move || support::mongo::Secantus::shared().uri(&db)).await.expect("secantusd starts");
     // Generous timeouts: the server shares two cores with inference in parallel tests.
     let opts = MongoOptions {
         connect_timeout: std::time::Duration::from_secs(60),

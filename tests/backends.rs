@@ -3,7 +3,6 @@
 //! falls back to ONNX Runtime with one warning when OpenVINO cannot load; openvino refuses to
 //! start). Both libraries come from their pinned PyPI wheels on first use.
 
-mod common;
 mod support;
 
 use std::path::PathBuf;
@@ -19,7 +18,7 @@ const PHOTOS: &[&str] =
 fn openvino_runtime() -> Runtime {
     let rt = Runtime::init(&RuntimeOptions {
         openvino_path: std::env::var_os("OPENVINO_LIB_PATH").map(PathBuf::from),
-        ..RuntimeOptions::cpu(common::cache_dir(), BackendChoice::OpenVino, 2)
+        ..RuntimeOptions::cpu(support::models::cache_dir(), BackendChoice::OpenVino, 2)
     })
     .expect("OpenVINO loads (fetched from PyPI on first use)");
     assert_eq!(rt.active_backend(), Some(ActiveBackend::OpenVino));
@@ -29,9 +28,9 @@ fn openvino_runtime() -> Runtime {
 #[test]
 fn openvino_gives_the_embeddings_of_onnx_runtime() {
     let ov = openvino_runtime();
-    let ort = common::runtime();
+    let ort = support::models::runtime();
     assert_eq!(ort.active_backend(), Some(ActiveBackend::OnnxRuntime));
-    let pack = common::pack_dir();
+    let pack = support::models::pack_dir();
     let mut checked = 0;
     let mut worst = 1.0f32;
     for det in [320, 640] {
@@ -39,7 +38,7 @@ fn openvino_gives_the_embeddings_of_onnx_runtime() {
         let mut a = FaceAnalyzer::load(&ort, &pack, opts).expect("pack on ONNX Runtime");
         let mut b = FaceAnalyzer::load(&ov, &pack, opts).expect("pack on OpenVINO");
         for name in PHOTOS {
-            let img = decode(&common::fixture(name), &ImageLimits::default()).expect("decodes").rgb;
+            let img = decode(&support::fixture(name), &ImageLimits::default()).expect("decodes").rgb;
             let fa = a.analyze(&img, &mut StageTimes::default()).expect("ONNX Runtime analysis");
             let fb = b.analyze(&img, &mut StageTimes::default()).expect("OpenVINO analysis");
             assert_eq!(fa.len(), fb.len(), "{name} det {det}: face count");
@@ -63,10 +62,10 @@ fn openvino_gives_the_embeddings_of_onnx_runtime() {
 #[test]
 fn openvino_batches_like_single_runs() {
     let ov = openvino_runtime();
-    let mut a = FaceAnalyzer::load(&ov, &common::pack_dir(), facerec::config::analyzer_options(320)).expect("pack");
+    let mut a = FaceAnalyzer::load(&ov, &support::models::pack_dir(), facerec::config::analyzer_options(320)).expect("pack");
     let mut crops = Vec::new();
     for name in PHOTOS {
-        let img = decode(&common::fixture(name), &ImageLimits::default()).expect("decodes").rgb;
+        let img = decode(&support::fixture(name), &ImageLimits::default()).expect("decodes").rgb;
         crops.extend(a.prepare(&img, &mut StageTimes::default()).expect("prepare").crops);
     }
     let batched = a.embed_aligned(&crops, &mut StageTimes::default()).expect("batch");

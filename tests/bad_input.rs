@@ -8,7 +8,7 @@
 //! The limits are set low here (flags), so each is exercised cheaply: body 1 MiB, 8 crops,
 //! 4 files, names of 32 characters, images of 4096 px per side and 4 megapixels.
 
-mod common;
+mod support;
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -24,7 +24,8 @@ use facerec::face::image::{ImageLimits, decode};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
-use common::{fixture, temp_dir};
+use support::fixture;
+use support::models::temp_dir;
 
 const MAX_BODY: usize = 1 << 20;
 const MAX_CROPS: usize = 8;
@@ -35,12 +36,10 @@ const MAX_NAME: usize = 32;
 // Largest single allocation per thread: proves an oversized claim is refused before any pixel
 // buffer is allocated.
 
-mod peak_alloc;
-
 #[global_allocator]
-static GLOBAL: peak_alloc::PeakAlloc = peak_alloc::PeakAlloc;
+static GLOBAL: support::peak_alloc::PeakAlloc = support::peak_alloc::PeakAlloc;
 
-use peak_alloc::peak_alloc;
+use support::peak_alloc::peak_alloc;
 
 // ---------------------------------------------------------------------------------------------
 // Crafted and real images.
@@ -713,7 +712,7 @@ async fn run_cases() {
         "--photo-dir",
         &d("photo"),
         "--model-cache-dir",
-        &common::cache_dir().to_string_lossy(),
+        &support::models::cache_dir().to_string_lossy(),
         "--execution-provider",
         "cpu",
         "--max-body-bytes",

@@ -11,7 +11,6 @@
 //! Chromium and ffmpeg are required: `scripts/test` installs both (`apt-get`); set CHROMIUM or
 //! FFMPEG to use other binaries. A missing one fails the test, it is never skipped.
 
-mod browser_support;
 mod support;
 
 use std::fs;
@@ -19,7 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use browser_support::{Browser, console_lines, csp_violations, target_dir};
+use support::browser::{Browser, console_lines, csp_violations};
+use support::target_dir;
 use support::{REQUEST_TIMEOUT, Server, TempDir, fixture_path, request_with_headers, wait_bounded};
 
 const API_KEY: &str = "console-test-key-5d2c";

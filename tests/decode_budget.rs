@@ -5,6 +5,8 @@
 //! `cargo test --release --test decode_budget -- --nocapture` prints the figures quoted in the
 //! README's Hardening section.
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use facerec::face::FaceError;
@@ -15,15 +17,13 @@ use facerec::face::image::{ImageLimits, decode, decode_within};
 // The largest single allocation (Rust side: the PNG decoder, buffers; libjpeg's own mallocs are
 // not seen here).
 
-mod peak_alloc;
-
 #[global_allocator]
-static GLOBAL: peak_alloc::PeakAlloc = peak_alloc::PeakAlloc;
+static GLOBAL: support::peak_alloc::PeakAlloc = support::peak_alloc::PeakAlloc;
 
 /// `f`'s result, its wall time, its CPU time, and the largest single allocation it made.
 fn measure<T>(f: impl FnOnce() -> T) -> (T, Duration, Duration, usize) {
     let (t, cpu) = (Instant::now(), thread_cpu_time());
-    let (out, peak) = peak_alloc::peak_alloc(f);
+    let (out, peak) = support::peak_alloc::peak_alloc(f);
     (out, t.elapsed(), thread_cpu_time().saturating_sub(cpu), peak)
 }
 

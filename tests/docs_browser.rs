@@ -7,7 +7,6 @@
 //! Chromium is required: `scripts/test` installs it (`apt-get install chromium`); set CHROMIUM
 //! to use another binary. A missing Chromium fails the test, it is never skipped.
 
-mod browser_support;
 mod support;
 
 use std::fs::{self, File};
@@ -15,7 +14,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use browser_support::{CHROMIUM_FLAGS, chromium, target_dir};
+use support::browser::{CHROMIUM_FLAGS, chromium};
+use support::target_dir;
 use support::{Server, TempDir, tail, wait_bounded};
 
 /// Bound on one Chromium run (it takes about 2 s here).
@@ -31,12 +31,12 @@ impl Run {
     /// What the page's Content-Security-Policy refused of the page's own (ReDoc's footer logo
     /// from cdn.redoc.ly being refused is the policy at work, not a failure).
     fn csp_violations(&self) -> Vec<&str> {
-        browser_support::csp_violations(&self.stderr)
+        support::browser::csp_violations(&self.stderr)
     }
 
     /// The page's console messages.
     fn console(&self) -> Vec<&str> {
-        browser_support::console_lines(&self.stderr)
+        support::browser::console_lines(&self.stderr)
     }
 }
 

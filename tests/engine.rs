@@ -3,17 +3,18 @@
 //! aligned-112 paths work inside batches, a bad image fails alone, and jobs whose caller
 //! went away are not computed.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{analyzer, fixture, pack_dir, runtime};
 use facerec::bench_recognize::face_crops;
 use facerec::config::analyzer_options;
 use facerec::engine::{Analysis, Engine, EngineConfig, EngineError};
 use facerec::face::image::{ImageLimits, decode};
 use facerec::face::{AnalyzerOptions, FoundBy, StageTimes};
 use futures_util::future::join_all;
+use support::fixture;
+use support::models::{analyzer, pack_dir, runtime};
 
 /// One worker at det 640 (where tight crops need the padded retry).
 fn engine(batch_size: usize, batch_wait: Duration, queue: usize) -> Engine {

@@ -3,7 +3,7 @@
 //! `overloaded` with Retry-After at once when the queue is full, and every response that
 //! used the engine (errors included) carries x-queue-time and x-inference-time.
 
-mod common;
+mod support;
 
 use std::sync::Arc;
 
@@ -14,9 +14,10 @@ use clap::Parser;
 use serde_json::json;
 use tower::ServiceExt;
 
-use common::{cache_dir, fixture, temp_dir};
 use facerec::api::{AppState, app};
 use facerec::config::ServeConfig;
+use support::fixture;
+use support::models::{cache_dir, temp_dir};
 
 #[derive(Parser)]
 struct Flags {

@@ -1,10 +1,10 @@
 //! `facerec eval` and `facerec fetch` as a user runs them: the real binary on the fixtures.
 
-mod common;
+mod support;
 
 use std::process::Command;
 
-use common::{cache_dir, fixtures};
+use support::models::{cache_dir, fixtures};
 
 fn facerec(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_facerec"))

@@ -4,16 +4,15 @@
 //! another client would (ListObjectsV2 and GET on moto). Never skipped: a server that cannot be
 //! installed or started fails the test.
 
-mod mongo_support;
-mod pg_support;
-mod s3_support;
+mod support;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use mongo_support::{Facerec, Secantus, TempDir, fixture};
-use pg_support::Postgres;
-use s3_support::Moto;
+use support::mongo::{Facerec, Secantus};
+use support::pg::Postgres;
+use support::s3::Moto;
+use support::{TempDir, fixture};
 
 const BUCKET: &str = "faces";
 
@@ -236,7 +235,7 @@ fn a_refused_row_takes_its_object_back_on_postgres() {
     let dir = TempDir::new("s3-refused-pg");
     let env = moto.env(&format!("s3://{BUCKET}/refused"));
     let vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let f = pg_support::facerec(dir.path(), &pg, &vars);
+    let f = support::pg::facerec(dir.path(), &pg, &vars);
     pg.psql("alter table faces add constraint refuse_blocked check (display_name <> 'Blocked')");
     a_refused_row_takes_its_object_back(&f, &moto);
     f.stop();
@@ -244,7 +243,7 @@ fn a_refused_row_takes_its_object_back_on_postgres() {
 
 /// The binary with `vars` exits at start; its stderr.
 fn start_fails(dir: &TempDir, vars: &[(&str, &str)]) -> String {
-    let port = mongo_support::free_port();
+    let port = support::free_port();
     let (mut child, stderr) = Facerec::spawn(dir.path(), "", port, vars, 0);
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
@@ -253,12 +252,12 @@ fn start_fails(dir: &TempDir, vars: &[(&str, &str)]) -> String {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("facerec still running: {}", mongo_support::tail(&stderr, 4000));
+            panic!("facerec still running: {}", support::tail(&stderr, 4000));
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(!status.success());
-    mongo_support::tail(&stderr, 8000)
+    support::tail(&stderr, 8000)
 }
 
 #[test]
@@ -276,7 +275,7 @@ fn a_missing_bucket_or_a_bad_setting_stops_the_start_with_a_clear_error() {
     assert!(err.contains("IMAGE_STORE 'gs://faces/reg'") && err.contains("expected s3://BUCKET/PREFIX"), "{err}");
 
     // Nothing listens there.
-    let port = mongo_support::free_port().to_string();
+    let port = support::free_port().to_string();
     let endpoint = format!("http://127.0.0.1:{port}");
     let mut vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     vars[0] = ("IMAGE_STORE", "s3://faces/reg");

@@ -3,7 +3,7 @@
 //! enrolment, seed documents, restarts, an outage in the middle of a run, and two replicas
 //! following each other, most of it through the real `facerec` binary.
 
-mod mongo_support;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,8 +13,9 @@ use facerec::service::follow;
 use facerec::store::faces::{FaceRecord, FaceRecordStore, StoredImage};
 use facerec::store::mongo::{FollowMode, MongoOptions, MongoStore};
 use facerec::store::{EMBEDDING_DIM, FaceStore, StoreError, weighted_template};
-use mongo_support::{Facerec, Secantus, TempDir, dump_docs, insert_docs, wait_until};
 use serde_json::{Value, json};
+use support::mongo::{Facerec, Secantus, dump_docs, insert_docs};
+use support::{TempDir, wait_until};
 
 const MODEL: &str = "w600k_mbf@test";
 
@@ -35,7 +36,7 @@ async fn store(uri: &str) -> MongoStore {
 /// Python service stored.
 fn golden(name: &str) -> Vec<f64> {
     static GOLDEN: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
-    let g = GOLDEN.get_or_init(|| serde_json::from_slice(&mongo_support::fixture("golden_det320.json")).expect("golden fixture parses"));
+    let g = GOLDEN.get_or_init(|| serde_json::from_slice(&support::fixture("golden_det320.json")).expect("golden fixture parses"));
     g["images"][name]["faces"][0]["embedding"].as_array().expect("golden embedding").iter().map(|v| v.as_f64().expect("number")).collect()
 }
 
@@ -309,7 +310,7 @@ async fn follower_applies_other_writers_changes_by_polling() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_server_fails_the_connect_within_the_timeout() {
-    let port = mongo_support::free_port();
+    let port = support::free_port();
     let started = Instant::now();
     let o = MongoOptions { connect_timeout: Duration::from_secs(1), ..opts(FollowMode::Auto) };
     match MongoStore::connect(&format!("mongodb://127.0.0.1:{port}/x"), o).await {
@@ -399,7 +400,7 @@ fn an_outage_mid_run_is_survived_without_a_restart() {
     // Recognition is answered from memory, throughout.
     assert_eq!(f.recognize("img6.jpg"), (name.clone(), score));
     // Writes: 503 store_unavailable, quickly (MONGO_OP_TIMEOUT=1s), and nothing changes.
-    let bounded = |what: &str, r: mongo_support::Response, started: Instant| {
+    let bounded = |what: &str, r: support::mongo::Response, started: Instant| {
         assert_eq!(r.status, 503, "{what}: {}", r.text());
         assert_eq!(r.json()["code"], "store_unavailable", "{what}");
         assert!(started.elapsed() < Duration::from_secs(5), "{what} took {:?}", started.elapsed());
@@ -517,15 +518,10 @@ fn two_replicas_follow_each_other_by_polling_a_standalone_server() {
 #[test]
 fn an_unreachable_mongodb_stops_the_start_with_one_clear_line() {
     let dir = TempDir::new("unreachable");
-    let dead = mongo_support::free_port();
+    let dead = support::free_port();
     let started = Instant::now();
-    let (mut child, stderr) = Facerec::spawn(
-        dir.path(),
-        &format!("mongodb://127.0.0.1:{dead}/x"),
-        mongo_support::free_port(),
-        &[("MONGO_CONNECT_TIMEOUT", "1s")],
-        0,
-    );
+    let (mut child, stderr) =
+        Facerec::spawn(dir.path(), &format!("mongodb://127.0.0.1:{dead}/x"), support::free_port(), &[("MONGO_CONNECT_TIMEOUT", "1s")], 0);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
@@ -538,7 +534,7 @@ fn an_unreachable_mongodb_stops_the_start_with_one_clear_line() {
     };
     assert!(!status.success());
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
-    let text = mongo_support::tail(&stderr, 10_000);
+    let text = support::tail(&stderr, 10_000);
     let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
     assert!(last.starts_with("error: MONGO_URI:"), "{text}");
     assert!(last.contains(&format!("127.0.0.1:{dead} did not answer within 1s (MONGO_CONNECT_TIMEOUT)")), "{last}");
@@ -572,7 +568,7 @@ faces = [{k: conv(v) for k, v in x.items() if k != '_id'} for x in db.faces.find
 images = {x['id']: {'content_type': x['content_type'], 'is_bytes': isinstance(x['bytes'], bytes), 'len': len(x['bytes'])} for x in db.face_images.find({})}
 print(json.dumps([faces, images]))
 "#;
-    let out = mongo_support::pymongo(script, &json!({"uri": uri}).to_string());
+    let out = support::mongo::pymongo(script, &json!({"uri": uri}).to_string());
     let v: Value = serde_json::from_str(&out).expect("dump is JSON");
     (v[0].as_array().cloned().unwrap_or_default(), v[1].clone())
 }
@@ -635,7 +631,7 @@ db.faces.insert_many(d['docs'])
         {"id": "short", "display_name": "Sho", "face_vec": vec![0.5; 128]},
         {"display_name": "nameless", "face_vec": vec![0.1; EMBEDDING_DIM]},
     ]);
-    mongo_support::pymongo(script, &json!({"uri": uri, "docs": docs}).to_string());
+    support::mongo::pymongo(script, &json!({"uri": uri, "docs": docs}).to_string());
     let loaded = s.load_faces(MODEL).await.unwrap();
     assert_eq!((loaded.faces.len(), loaded.other_model, loaded.malformed), (3, 1, 2));
     let lee = loaded.faces.iter().find(|r| r.id == "legacy").expect("the other API's record loads");
@@ -745,7 +741,7 @@ fn the_binary_keeps_face_records_in_mongodb_across_a_restart() {
         "POST",
         "/api/face/register",
         Some(&ct),
-        &form(&[("displayName", None, b"Alice".to_vec()), ("image", Some("img5.jpg"), mongo_support::fixture("img5.jpg"))]),
+        &form(&[("displayName", None, b"Alice".to_vec()), ("image", Some("img5.jpg"), support::fixture("img5.jpg"))]),
     );
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().expect("id").to_owned();
@@ -753,14 +749,14 @@ fn the_binary_keeps_face_records_in_mongodb_across_a_restart() {
     assert!(!dir.path().join("faces.db").exists(), "no SQLite file when MONGO_URI is set");
     let (faces, images) = dump_faces(&uri);
     assert_eq!((faces.len(), faces[0]["id"].as_str(), faces[0]["display_name"].as_str()), (1, Some(id.as_str()), Some("Alice")));
-    assert_eq!(images[&id]["len"].as_u64(), Some(mongo_support::fixture("img5.jpg").len() as u64));
+    assert_eq!(images[&id]["len"].as_u64(), Some(support::fixture("img5.jpg").len() as u64));
 
     let f = Facerec::start(dir.path(), &uri, &[]);
-    let r = f.call("POST", "/api/face/search", Some(&ct), &form(&[("image", Some("img6.jpg"), mongo_support::fixture("img6.jpg"))]));
+    let r = f.call("POST", "/api/face/search", Some(&ct), &form(&[("image", Some("img6.jpg"), support::fixture("img6.jpg"))]));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()[0]["id"].as_str(), Some(id.as_str()), "loaded from MongoDB at start: {}", r.text());
     let img = f.get(&format!("/api/face/{id}/image"));
-    assert_eq!((img.status, img.body), (200, mongo_support::fixture("img5.jpg")));
+    assert_eq!((img.status, img.body), (200, support::fixture("img5.jpg")));
     assert_eq!(f.delete(&format!("/api/face/{id}")).status, 200);
     assert_eq!(dump_faces(&uri).0.len(), 0);
 }

@@ -9,7 +9,6 @@
 //! Runs with the cached models in `<crate>/models` (or MODEL_CACHE_DIR); the MongoDB test uses the
 //! SecantusDB server the harness installs (tests/mongo_support).
 
-mod mongo_support;
 mod support;
 
 use std::collections::BTreeMap;
@@ -198,9 +197,9 @@ fn ready_needs_the_store_and_hides_the_details() {
 
 #[test]
 fn ready_follows_a_mongodb_outage() {
-    let dir = mongo_support::TempDir::new("obs-ready");
-    let mut db = mongo_support::Secantus::start(&dir.path().join("db"), false);
-    let f = mongo_support::Facerec::start(dir.path(), &db.uri("ready"), &[]);
+    let dir = support::TempDir::new("obs-ready");
+    let mut db = support::mongo::Secantus::start(&dir.path().join("db"), false);
+    let f = support::mongo::Facerec::start(dir.path(), &db.uri("ready"), &[]);
     let ok = f.get("/ready");
     assert_eq!(ok.status, 200, "{}", ok.text());
 
@@ -212,7 +211,7 @@ fn ready_follows_a_mongodb_outage() {
     assert_eq!(f.get("/health").status, 200, "alive meanwhile");
 
     db.restart();
-    let back = mongo_support::wait_until(Duration::from_secs(30), || f.get("/ready").status == 200);
+    let back = support::wait_until(Duration::from_secs(30), || f.get("/ready").status == 200);
     assert!(back.is_some(), "not ready again within 30 s after MongoDB came back:\n{}", f.stderr());
     f.stop();
 }

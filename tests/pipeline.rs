@@ -1,11 +1,12 @@
 //! The face pipeline against insightface's own outputs, on real photos and the real models.
 
-mod common;
+mod support;
 
-use common::{analyzer, fixture, golden};
 use facerec::face::detector::iou;
 use facerec::face::image::{ImageLimits, decode};
 use facerec::face::{AnalyzerOptions, FoundBy, StageTimes, cosine, most_prominent};
+use support::fixture;
+use support::models::{analyzer, golden};
 
 fn analyze(name: &str, opts: AnalyzerOptions) -> Vec<facerec::face::Face> {
     let img = decode(&fixture(name), &ImageLimits::default()).expect("fixture decodes").rgb;

@@ -3,8 +3,7 @@
 //! other service writes with plain SQL, `match_faces` on facerec's rows, search in the database,
 //! and two replicas following each other through LISTEN/NOTIFY.
 
-mod mongo_support;
-mod pg_support;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -12,8 +11,10 @@ use std::time::{Duration, SystemTime};
 use facerec::store::faces::{FaceRecord, FaceRecordStore, StoredImage};
 use facerec::store::postgres::{Migrate, PgOptions, PgStore};
 use facerec::store::{EMBEDDING_DIM, FaceStore, StoreError, StoreKind, weighted_template};
-use pg_support::{Facerec, Postgres, TempDir, facerec, fixture, vector_text, wait_until};
 use serde_json::{Value, json};
+use support::mongo::Facerec;
+use support::pg::{Postgres, facerec, vector_text};
+use support::{TempDir, fixture, wait_until};
 
 const MODEL: &str = "w600k_mbf@test";
 

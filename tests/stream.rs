@@ -8,14 +8,13 @@
 //! cargo test --test stream -- --nocapture
 //! cargo test --test stream -- --ignored --nocapture   (the 8-stream measurement)
 
-mod stream_support;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use stream_support::{BOTTOM, BOTTOM_ENROL, ClientPlan, TOP, TOP_ENROL, rss_kb, run_stream, scene};
+use support::stream::{BOTTOM, BOTTOM_ENROL, ClientPlan, TOP, TOP_ENROL, rss_kb, run_stream, scene};
 use support::{Multipart, Server, TempDir, fixture};
 
 fn enrol(server: &Server, user: &str, files: &[&str]) {
@@ -171,11 +170,11 @@ fn limits_and_credentials_close_with_their_codes() {
     // Two streams with STREAM_MAX_STREAMS=1: the second is closed with 1013.
     rt.block_on(async {
         let key = "facerec.v1, facerec.key.k-stream-1";
-        let mut first = stream_support::connect(server.port, Some(key)).await;
-        let ready = stream_support::next_text(&mut first).await;
+        let mut first = support::stream::connect(server.port, Some(key)).await;
+        let ready = support::stream::next_text(&mut first).await;
         assert_eq!(ready["type"], "ready", "{ready}");
-        let mut second = stream_support::connect(server.port, Some(key)).await;
-        let closed = stream_support::next_close(&mut second).await;
+        let mut second = support::stream::connect(server.port, Some(key)).await;
+        let closed = support::stream::next_close(&mut second).await;
         assert_eq!(closed.0, 1013, "{closed:?}");
         assert!(closed.1.contains("STREAM_MAX_STREAMS"), "{closed:?}");
     });

@@ -5,7 +5,7 @@
 //! INFERENCE_TIMEOUT gives 503 `inference_timeout` within the deadline, `/ready` says 503
 //! while it is stuck and 200 again once it is free, by itself.
 
-mod common;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,6 @@ use axum::http::{Request, StatusCode, header};
 use serde_json::Value;
 use tower::ServiceExt;
 
-use common::{fixture, pack_dir, runtime, temp_dir};
 use facerec::api::auth::AuthConfig;
 use facerec::api::{AppState, LegacyStatus, RequestLimits, app};
 use facerec::audit::{AuditConfig, AuditHandle};
@@ -24,6 +23,8 @@ use facerec::service::{Service, ServiceOptions};
 use facerec::store::FaceStore;
 use facerec::store::faces::FaceRecordStore;
 use facerec::store::sqlite::SqliteStore;
+use support::fixture;
+use support::models::{pack_dir, runtime, temp_dir};
 
 async fn service(timeout: Duration, faults: FaultHooks) -> Arc<AppState> {
     let dir = temp_dir("supervision");

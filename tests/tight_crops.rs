@@ -15,7 +15,7 @@
 //! crops each way finds and names, and every accept of a wrong identity; it fails if the retry
 //! adds a false accept.
 
-mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -48,7 +48,8 @@ fn tight_crop_retry_measurement() {
     let det_size: u32 = std::env::var("DET_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(320);
     let labels: Labels = serde_json::from_str(&std::fs::read_to_string(dir.join("labels.json")).expect("labels.json")).expect("labels");
     let golden_path = dir.join(format!("golden/insightface_buffalo_sc_det{det_size}.json"));
-    let golden: common::GoldenFile = serde_json::from_str(&std::fs::read_to_string(&golden_path).expect("golden")).expect("golden parses");
+    let golden: support::models::GoldenFile =
+        serde_json::from_str(&std::fs::read_to_string(&golden_path).expect("golden")).expect("golden parses");
 
     // Per photo: its identity (None for a singleton) and insightface's first face.
     let mut photos: Vec<(String, Option<String>)> = Vec::new();
@@ -105,7 +106,7 @@ fn tight_crop_retry_measurement() {
             let entry = report.entry(format!("{margin:+.2}")).or_default();
             for (opts, tally, retry) in [(base, &mut entry.0, false), (with_retry, &mut entry.1, true)] {
                 tally.crops += 1;
-                let faces = common::analyzer(opts).analyze(&crop, &mut StageTimes::default()).expect("analysis");
+                let faces = support::models::analyzer(opts).analyze(&crop, &mut StageTimes::default()).expect("analysis");
                 let Some(i) = most_confident(&faces) else { continue };
                 tally.found += 1;
                 let Some((name, score)) = best(&faces[i].embedding, path) else { continue };

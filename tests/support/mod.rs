@@ -4,6 +4,17 @@
 //! bounded waits for child processes. Every wait has a deadline: nothing here can hang a test.
 #![allow(dead_code)]
 
+//! One tree of test support: this file (the binary under test, its folders, a small HTTP
+//! client, bounded waits) and one module per real component the tests run beside it.
+pub mod browser;
+pub mod models;
+pub mod mongo;
+pub mod peak_alloc;
+pub mod pg;
+pub mod s3;
+pub mod stream;
+pub mod venv;
+
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -469,5 +480,52 @@ impl Multipart {
         let mut b = self.body.clone();
         b.extend_from_slice(format!("--{}--\r\n", self.boundary).as_bytes());
         b
+    }
+}
+
+/// The target folder (`target/`): venvs of the real servers, screenshots.
+pub fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).parent().map_or_else(|| manifest_dir().join("target"), Path::to_path_buf)
+}
+
+/// Runs a command to completion within `limit`, its output in `log`; panics with the log's
+/// tail on failure or timeout.
+pub fn run_bounded(cmd: &mut Command, limit: Duration, log: &Path, what: &str) {
+    let out = File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+    let err = out.try_clone().expect("log handle");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    if !status.is_some_and(|s| s.success()) {
+        panic!("{what} failed ({status:?}); its output ends with:\n{}", tail(log, 4000));
+    }
+}
+
+/// Polls `f` every 20 ms until it returns true or `limit` passes; the time it took.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let started = Instant::now();
+    loop {
+        if f() {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

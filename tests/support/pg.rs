@@ -5,7 +5,6 @@
 //! on a free port, and stops the server on drop (and, through `setpriv --pdeathsig`, when the
 //! test thread that started it ends). `psql` from the same install runs SQL as another client
 //! would. Every wait is bounded.
-#![allow(dead_code)]
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -14,11 +13,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
-pub use crate::mongo_support::{Facerec, TempDir, fixture, free_port, tail, wait_until};
-use crate::mongo_support::{run_bounded, target_dir};
+use super::mongo::Facerec;
+use super::{TempDir, free_port, run_bounded, tail};
 
 pub const REQUIREMENT: &str = "pgserver==0.1.4";
-const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `pgserver/pginstall` of the venv (installed on first use).
@@ -28,51 +26,16 @@ pub fn pginstall() -> PathBuf {
 }
 
 fn install() -> PathBuf {
-    let venv = target_dir().join("pgserver-venv");
-    let python = venv.join("bin/python");
-    let marker = venv.join(".facerec-installed");
-    let found = || -> Option<PathBuf> {
-        if fs::read_to_string(&marker).ok()? != REQUIREMENT {
-            return None;
-        }
-        let lib =
-            fs::read_dir(venv.join("lib")).ok()?.filter_map(Result::ok).find(|e| e.file_name().to_string_lossy().starts_with("python"))?;
-        let dir = lib.path().join("site-packages/pgserver/pginstall");
-        dir.join("bin/postgres").exists().then_some(dir)
-    };
-    if let Some(dir) = found() {
-        return dir;
-    }
-    fs::create_dir_all(target_dir()).expect("target dir");
-    let lock_path = target_dir().join("pgserver-venv.lock");
-    let lock = File::create(&lock_path).unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
-    let deadline = Instant::now() + INSTALL_TIMEOUT + Duration::from_secs(60);
-    while lock.try_lock().is_err() {
-        assert!(Instant::now() < deadline, "another test binary held {} too long", lock_path.display());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    if let Some(dir) = found() {
-        return dir;
-    }
-    let host_python = std::env::var("FACEREC_PYTHON").unwrap_or_else(|_| "python3".into());
-    let log = target_dir().join("pgserver-venv-install.log");
-    eprintln!("installing {REQUIREMENT} into {} (first run only)", venv.display());
-    let mut pip = if python.exists() || Command::new(&host_python).args(["-m", "venv"]).arg(&venv).status().is_ok_and(|s| s.success()) {
-        let mut c = Command::new(&python);
-        c.args(["-m", "pip"]);
-        c
-    } else {
-        // No ensurepip (Debian without python3-venv): the interpreter's own pip fills the venv.
-        let _ = fs::remove_dir_all(&venv);
-        run_bounded(Command::new(&host_python).args(["-m", "venv", "--without-pip"]).arg(&venv), Duration::from_secs(120), &log, "venv");
-        let mut c = Command::new(&host_python);
-        c.args(["-m", "pip", "--python"]).arg(&python);
-        c
-    };
-    pip.args(["install", "--disable-pip-version-check", "--no-input", "--quiet", REQUIREMENT]);
-    run_bounded(&mut pip, INSTALL_TIMEOUT, &log, "pip install pgserver");
-    fs::write(&marker, REQUIREMENT).expect("install marker");
-    found().expect("pgserver/pginstall/bin/postgres after the install")
+    let venv = super::venv::install("pgserver", &[REQUIREMENT], |venv| pginstall_in(venv).is_some());
+    pginstall_in(&venv).expect("pgserver/pginstall/bin/postgres after the install")
+}
+
+/// `site-packages/pgserver/pginstall` of a venv, when its `bin/postgres` is there.
+fn pginstall_in(venv: &Path) -> Option<PathBuf> {
+    let lib =
+        fs::read_dir(venv.join("lib")).ok()?.filter_map(Result::ok).find(|e| e.file_name().to_string_lossy().starts_with("python"))?;
+    let dir = lib.path().join("site-packages/pgserver/pginstall");
+    dir.join("bin/postgres").exists().then_some(dir)
 }
 
 fn is_root() -> bool {

@@ -1,6 +1,5 @@
 //! Shared setup for integration tests: the real ONNX Runtime and the real model pack,
 //! fetched into the model cache on first use (MODEL_CACHE_DIR, default `models/`).
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -10,11 +9,7 @@ use facerec::fetch;
 use facerec::runtime::{BackendChoice, Runtime, RuntimeOptions};
 
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-pub fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(fixtures().join(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+    super::manifest_dir().join("tests/fixtures")
 }
 
 pub fn cache_dir() -> PathBuf {

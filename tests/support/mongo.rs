@@ -4,11 +4,12 @@
 //! killed when the test binary ends (a watchdog thread in the server's own process notices
 //! its parent is gone). Also: pymongo from the same venv for raw documents, the real
 //! `facerec` binary pointed at a database, and a small HTTP client. Every wait is bounded.
-#![allow(dead_code)]
 
 use std::fs::{self, File};
+
+use super::{fixture, free_port, manifest_dir, tail};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -17,88 +18,10 @@ use std::time::{Duration, Instant};
 /// What the harness installs (pymongo: the version SecantusDB 0.7.0b3 resolves to).
 pub const REQUIREMENTS: &[&str] = &["SecantusDB==0.7.0b3", "pymongo==4.20.0"];
 /// The install (first run only) may download about 60 MB of wheels.
-const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
 const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(20);
 pub const FACEREC_START_TIMEOUT: Duration = Duration::from_secs(120);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-
-pub fn manifest_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-pub fn target_dir() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).parent().map_or_else(|| manifest_dir().join("target"), Path::to_path_buf)
-}
-
-pub fn fixture(name: &str) -> Vec<u8> {
-    fs::read(manifest_dir().join("tests/fixtures").join(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
-}
-
-/// A fresh folder, removed on drop unless the test failed (then kept, for its logs).
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!("facerec-mongo-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        TempDir(dir)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("kept {} for inspection", self.0.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
-}
-
-/// Runs a command to completion within `limit`, its output in `log`; panics with the log's
-/// tail on failure or timeout.
-pub fn run_bounded(cmd: &mut Command, limit: Duration, log: &Path, what: &str) {
-    let out = File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
-    let err = out.try_clone().expect("log handle");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(out))
-        .stderr(Stdio::from(err))
-        .spawn()
-        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-        }
-    };
-    if !status.is_some_and(|s| s.success()) {
-        panic!("{what} failed ({status:?}); its output ends with:\n{}", tail(log, 4000));
-    }
-}
-
-pub fn tail(path: &Path, max: usize) -> String {
-    let bytes = fs::read(path).unwrap_or_default();
-    String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(max)..]).into_owned()
-}
 
 /// The venv's python, SecantusDB and pymongo installed in it (on first use).
 pub fn python() -> PathBuf {
@@ -107,67 +30,7 @@ pub fn python() -> PathBuf {
 }
 
 fn install() -> PathBuf {
-    let venv = target_dir().join("secantus-venv");
-    let python = venv.join("bin/python");
-    let marker = venv.join(".facerec-installed");
-    let wanted = REQUIREMENTS.join(" ");
-    let done = || fs::read_to_string(&marker).is_ok_and(|m| m == wanted) && python.exists();
-    if done() {
-        return python;
-    }
-    fs::create_dir_all(target_dir()).expect("target dir");
-    let lock_path = target_dir().join("secantus-venv.lock");
-    let lock = File::create(&lock_path).unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
-    let deadline = Instant::now() + INSTALL_TIMEOUT + Duration::from_secs(60);
-    loop {
-        match lock.try_lock() {
-            Ok(()) => break,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
-            Err(e) => panic!("another test binary held {} too long: {e}", lock_path.display()),
-        }
-    }
-    if done() {
-        return python;
-    }
-    let host_python = std::env::var("FACEREC_PYTHON").unwrap_or_else(|_| "python3".into());
-    let log = target_dir().join("secantus-venv-install.log");
-    eprintln!("installing {wanted} into {} (first run only)", venv.display());
-    let mut pip_inside = true;
-    if !python.exists() {
-        let made = Command::new(&host_python).args(["-m", "venv"]).arg(&venv).stdout(Stdio::null()).stderr(Stdio::null()).status();
-        if !made.is_ok_and(|s| s.success()) {
-            // No ensurepip (Debian without python3-venv): a venv without pip, filled by the
-            // interpreter's own pip through --python.
-            let _ = fs::remove_dir_all(&venv);
-            run_bounded(
-                Command::new(&host_python).args(["-m", "venv", "--without-pip"]).arg(&venv),
-                Duration::from_secs(120),
-                &log,
-                "python3 -m venv --without-pip",
-            );
-            pip_inside = false;
-        }
-    } else {
-        pip_inside = Command::new(&python)
-            .args(["-m", "pip", "--version"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-    }
-    let mut pip = if pip_inside {
-        let mut c = Command::new(&python);
-        c.args(["-m", "pip"]);
-        c
-    } else {
-        let mut c = Command::new(&host_python);
-        c.args(["-m", "pip", "--python"]).arg(&python);
-        c
-    };
-    pip.args(["install", "--disable-pip-version-check", "--no-input", "--quiet"]).args(REQUIREMENTS);
-    run_bounded(&mut pip, INSTALL_TIMEOUT, &log, "pip install SecantusDB");
-    fs::write(&marker, &wanted).expect("install marker");
-    python
+    super::venv::install("secantus", REQUIREMENTS, |_| true).join("bin/python")
 }
 
 /// Runs `script` with the venv's python (pymongo importable), `input` on stdin; its stdout.
@@ -573,19 +436,5 @@ fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {
         }
         out.extend_from_slice(data.get(..size)?);
         data = data.get(size + 2..)?;
-    }
-}
-
-/// Polls `f` every 20 ms until it returns true or `limit` passes; the time it took.
-pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let started = Instant::now();
-    loop {
-        if f() {
-            return Some(started.elapsed());
-        }
-        if started.elapsed() >= limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -3,7 +3,6 @@
 //! 127.0.0.1, and [`Browser`], a Chromium driven through the DevTools protocol (a WebSocket to
 //! `--remote-debugging-port`) to type, click, upload files, read the DOM and take screenshots.
 //! Every wait polls a condition with a deadline; nothing here sleeps to synchronise.
-#![allow(dead_code)]
 
 use std::fs::{self, File};
 use std::io;
@@ -16,7 +15,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{self, Message, WebSocket};
 
-use crate::support::{tail, wait_bounded};
+use super::{tail, wait_bounded};
 
 /// The flags this machine needs, and a network cut off from everything but the service.
 pub const CHROMIUM_FLAGS: &[&str] = &[
@@ -54,13 +53,6 @@ pub fn chromium() -> PathBuf {
          which installs it, or `apt-get install chromium`"
     );
     fallback
-}
-
-/// The target folder (the parent of the folder holding the facerec binary): where the browser
-/// tests leave their screenshots.
-pub fn target_dir() -> PathBuf {
-    let exe = Path::new(env!("CARGO_BIN_EXE_facerec"));
-    exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_else(|| crate::support::manifest_dir().join("target"))
 }
 
 /// The lines of a Chromium stderr log where its Content-Security-Policy refused something of

@@ -5,20 +5,19 @@
 //! here over plain HTTP (moto checks no signature): buckets made and removed, objects listed and
 //! read, as another client of the bucket would. Every wait is bounded; nothing is skipped: a
 //! server that cannot be installed or started fails the test.
-#![allow(dead_code)]
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::mongo_support::{Response, TempDir, free_port, request, run_bounded, tail, target_dir};
+use super::mongo::{Response, request};
+use super::{TempDir, free_port, tail};
 
 use std::io::{Read, Write};
 
 pub const REQUIREMENT: &str = "moto[server]==5.2.5";
-const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -29,44 +28,7 @@ pub fn moto_server() -> PathBuf {
 }
 
 fn install() -> PathBuf {
-    let venv = target_dir().join("moto-venv");
-    let python = venv.join("bin/python");
-    let marker = venv.join(".facerec-installed");
-    let bin = venv.join("bin/moto_server");
-    let found = || (fs::read_to_string(&marker).ok()? == REQUIREMENT && bin.exists()).then(|| bin.clone());
-    if let Some(bin) = found() {
-        return bin;
-    }
-    fs::create_dir_all(target_dir()).expect("target dir");
-    let lock_path = target_dir().join("moto-venv.lock");
-    let lock = File::create(&lock_path).unwrap_or_else(|e| panic!("creating {}: {e}", lock_path.display()));
-    let deadline = Instant::now() + INSTALL_TIMEOUT + Duration::from_secs(60);
-    while lock.try_lock().is_err() {
-        assert!(Instant::now() < deadline, "another test binary held {} too long", lock_path.display());
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    if let Some(bin) = found() {
-        return bin;
-    }
-    let host_python = std::env::var("FACEREC_PYTHON").unwrap_or_else(|_| "python3".into());
-    let log = target_dir().join("moto-venv-install.log");
-    eprintln!("installing {REQUIREMENT} into {} (first run only)", venv.display());
-    let mut pip = if python.exists() || Command::new(&host_python).args(["-m", "venv"]).arg(&venv).status().is_ok_and(|s| s.success()) {
-        let mut c = Command::new(&python);
-        c.args(["-m", "pip"]);
-        c
-    } else {
-        // No ensurepip (Debian without python3-venv): the interpreter's own pip fills the venv.
-        let _ = fs::remove_dir_all(&venv);
-        run_bounded(Command::new(&host_python).args(["-m", "venv", "--without-pip"]).arg(&venv), Duration::from_secs(120), &log, "venv");
-        let mut c = Command::new(&host_python);
-        c.args(["-m", "pip", "--python"]).arg(&python);
-        c
-    };
-    pip.args(["install", "--disable-pip-version-check", "--no-input", "--quiet", REQUIREMENT]);
-    run_bounded(&mut pip, INSTALL_TIMEOUT, &log, "pip install moto[server]");
-    fs::write(&marker, REQUIREMENT).expect("install marker");
-    found().expect("bin/moto_server after the install")
+    super::venv::install("moto", &[REQUIREMENT], |venv| venv.join("bin/moto_server").exists()).join("bin/moto_server")
 }
 
 /// A moto S3 server of its own (state in memory); stopped on drop.

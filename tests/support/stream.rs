@@ -2,7 +2,6 @@
 //! tests/fixtures/SOURCES.md) moving across a 640x480 canvas, rendered as JPEG frames; a
 //! WebSocket client that sends frames at a fixed rate and collects the answers (optionally
 //! reading slowly); the server's resident memory.
-#![allow(dead_code)]
 
 use std::io::Cursor;
 use std::time::{Duration, Instant};
@@ -14,7 +13,7 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::support::fixture;
+use super::fixture;
 
 pub const WIDTH: u32 = 640;
 pub const HEIGHT: u32 = 480;
