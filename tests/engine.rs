@@ -8,9 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::{analyzer, fixture, pack_dir, runtime};
-use facerec::bench_recognize::face_crops;
 use facerec::config::analyzer_options;
 use facerec::engine::{Analysis, Engine, EngineConfig, EngineError};
+use facerec::face::crops::face_crops;
 use facerec::face::image::{ImageLimits, decode};
 use facerec::face::{AnalyzerOptions, FoundBy, StageTimes};
 use futures_util::future::join_all;
