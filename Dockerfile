@@ -24,6 +24,9 @@ WORKDIR /src
 ARG CARGO_FEATURES=""
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY src ./src
+# The workspace's other member (eval, benchmarks): cargo loads its manifest; only facerec is built.
+COPY tools/Cargo.toml ./tools/Cargo.toml
+COPY tools/src ./tools/src
 RUN cargo build --release --locked --features "${CARGO_FEATURES}" \
     && cp target/release/facerec /usr/local/bin/facerec
 # The same code the service runs on a cold cache: ONNX Runtime (CPU, or GPU with the cuda feature)

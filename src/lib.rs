@@ -5,17 +5,14 @@
 //! align, embed) -> `runtime` (ONNX Runtime, OpenVINO); `service` -> `gallery` (in-memory
 //! templates and face records), `store` (SQLite or MongoDB; the durable truth), `audit`
 //! (NDJSON log and crops); `error` is the catalogue every layer answers with. `fetch` brings the runtime library and model packs;
-//! `eval` measures the pipeline against insightface; `config` holds every flag.
+//! `config` holds every flag. The tools (eval, benchmarks) are the `facerec-tools` crate of tools/.
 
 pub mod api;
 pub mod audit;
-pub mod bench;
-pub mod bench_recognize;
 pub mod civil;
 pub mod config;
 pub mod engine;
 pub mod error;
-pub mod eval;
 pub mod face;
 pub mod fetch;
 pub mod gallery;

@@ -7,9 +7,9 @@ mod support;
 
 use std::time::Duration;
 
-use facerec::bench_recognize::face_crops;
 use facerec::config::analyzer_options;
 use facerec::engine::{Analysis, Engine, EngineConfig, EngineError};
+use facerec::face::crops::face_crops;
 use facerec::face::image::{ImageLimits, decode};
 use facerec::face::{AnalyzerOptions, FoundBy, StageTimes};
 use futures_util::future::join_all;

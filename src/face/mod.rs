@@ -5,6 +5,7 @@
 
 pub mod align;
 pub mod budget;
+pub mod crops;
 pub mod detector;
 pub mod image;
 mod jpeg;

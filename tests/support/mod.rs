@@ -1,11 +1,11 @@
 //! Shared helpers for the tests that run the real `facerec` binary (`e2e_binary`, `docs_browser`):
 //! a server guard that starts the binary on a free port in its own folder and kills it on drop,
-//! a tiny HTTP/1.1 client over `TcpStream` (`Connection: close`), a multipart body builder, and
+//! a thin HTTP client over reqwest's blocking one, a multipart body builder, and
 //! bounded waits for child processes. Every wait has a deadline: nothing here can hang a test.
 #![allow(dead_code)]
 
-//! One tree of test support: this file (the binary under test, its folders, a small HTTP
-//! client, bounded waits) and one module per real component the tests run beside it.
+// One tree of test support: this file (the binary under test, its folders, a small HTTP
+// client, bounded waits) and one module per real component the tests run beside it.
 pub mod browser;
 pub mod models;
 pub mod mongo;
@@ -15,10 +15,9 @@ pub mod s3;
 pub mod stream;
 pub mod venv;
 
-use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::io;
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -338,8 +337,8 @@ impl Response {
     }
 }
 
-/// One HTTP/1.1 exchange with 127.0.0.1:`port` (`Connection: close`, body read to EOF; chunked
-/// bodies are decoded). Every socket operation is bounded by `timeout`.
+/// One HTTP exchange with 127.0.0.1:`port` on reqwest's blocking client (no redirects followed,
+/// no proxy, chunked bodies decoded), bounded by `timeout`.
 pub fn request(port: u16, method: &str, path: &str, content_type: Option<&str>, body: &[u8], timeout: Duration) -> io::Result<Response> {
     request_with_headers(port, method, path, &[], content_type, body, timeout)
 }
@@ -354,85 +353,40 @@ pub fn request_with_headers(
     body: &[u8],
     timeout: Duration,
 ) -> io::Result<Response> {
-    let addr = (Ipv4Addr::LOCALHOST, port).into();
-    let mut stream = TcpStream::connect_timeout(&addr, timeout.min(Duration::from_secs(10)))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nAccept: */*\r\n");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let failed = |e: reqwest::Error| {
+        let kind = if e.is_timeout() { io::ErrorKind::TimedOut } else { io::ErrorKind::Other };
+        io::Error::new(kind, format!("{method} {path}: {e}"))
+    };
+    let client = reqwest::blocking::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .map_err(failed)?;
+    let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    let sends_body = !body.is_empty() || matches!(method.as_str(), "POST" | "PUT" | "PATCH");
+    let mut req = client.request(method, format!("http://127.0.0.1:{port}{path}")).header("accept", "*/*");
     if let Some(ct) = content_type {
-        let _ = write!(head, "Content-Type: {ct}\r\n");
+        req = req.header("content-type", ct);
     }
     for (k, v) in headers {
-        let _ = write!(head, "{k}: {v}\r\n");
+        req = req.header(*k, *v);
     }
-    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
-        let _ = write!(head, "Content-Length: {}\r\n", body.len());
+    if sends_body {
+        req = req.body(body.to_vec());
     }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    stream.flush()?;
-    let deadline = Instant::now() + timeout;
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 64 * 1024];
-    loop {
-        if Instant::now() > deadline {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("no complete answer within {timeout:?}")));
-        }
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => raw.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    parse_response(&raw)
+    let response = req.send().map_err(failed)?;
+    let status = response.status().as_u16();
+    let headers =
+        response.headers().iter().map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).trim().to_owned())).collect();
+    let body = response.bytes().map_err(failed)?.to_vec();
+    Ok(Response { status, headers, body })
 }
 
 fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
-}
-
-fn parse_response(raw: &[u8]) -> io::Result<Response> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad(format!("no end of headers in {} bytes", raw.len())))?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("headers are not UTF-8"))?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status =
-        status_line.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
-    let rest = &raw[end + 4..];
-    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
-    let body = if chunked {
-        decode_chunked(rest)?
-    } else if let Some(len) = headers.iter().find(|(k, _)| k == "content-length").and_then(|(_, v)| v.parse::<usize>().ok()) {
-        if rest.len() < len {
-            return Err(bad(format!("body cut short: {} of {len} bytes", rest.len())));
-        }
-        rest[..len].to_vec()
-    } else {
-        rest.to_vec()
-    };
-    Ok(Response { status, headers, body })
-}
-
-fn decode_chunked(mut data: &[u8]) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data.windows(2).position(|w| w == b"\r\n").ok_or_else(|| bad("chunk size line"))?;
-        let size_text = std::str::from_utf8(&data[..line_end]).map_err(|_| bad("chunk size"))?;
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16).map_err(|_| bad("chunk size"))?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if data.len() < size + 2 {
-            return Err(bad("chunk cut short"));
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
-    }
 }
 
 /// A `multipart/form-data` body built by hand.

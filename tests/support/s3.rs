@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 use super::mongo::{Response, request};
 use super::{TempDir, free_port, tail};
 
-use std::io::{Read, Write};
-
 pub const REQUIREMENT: &str = "moto[server]==5.2.5";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -140,9 +138,10 @@ impl Moto {
 
     /// An object's Content-Type, as another client reads it (HEAD).
     pub fn content_type(&self, bucket: &str, key: &str) -> Option<String> {
-        let (r, head) = s3_request(self.port, "HEAD", &format!("/{bucket}/{key}")).unwrap_or_else(|e| panic!("moto HEAD {key}: {e}"));
+        let (r, content_type) =
+            s3_request(self.port, "HEAD", &format!("/{bucket}/{key}")).unwrap_or_else(|e| panic!("moto HEAD {key}: {e}"));
         assert_eq!(r.status, 200, "HEAD {key}");
-        head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type:").map(|v| v.trim().to_owned()))
+        content_type
     }
 
     /// Stops the server (the image store then fails).
@@ -160,23 +159,22 @@ impl Drop for Moto {
     }
 }
 
-/// One S3 request to moto (`Connection: close`): the answer and its header block. moto refuses
-/// some unsigned requests (HEAD, DELETE) with 403, so an Authorization header is sent; moto
-/// checks no signature.
-fn s3_request(port: u16, method: &str, path: &str) -> std::io::Result<(Response, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
-    s.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+/// One S3 request to moto on reqwest's blocking client: the answer and its Content-Type. moto
+/// refuses some unsigned requests (HEAD, DELETE) with 403, so an Authorization header is sent;
+/// moto checks no signature.
+fn s3_request(port: u16, method: &str, path: &str) -> std::io::Result<(Response, Option<String>)> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let failed = |e: reqwest::Error| std::io::Error::other(format!("{method} {path}: {e}"));
+    let client = reqwest::blocking::Client::builder().timeout(REQUEST_TIMEOUT).no_proxy().build().map_err(failed)?;
     let auth = "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0";
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {auth}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no end of headers"))?;
-    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad status line"))?;
-    Ok((Response { status, body: raw[end + 4..].to_vec() }, head))
+    let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(std::io::Error::other)?;
+    let response = client
+        .request(method, format!("http://127.0.0.1:{port}{path}"))
+        .header("authorization", auth)
+        .header("content-length", "0")
+        .send()
+        .map_err(failed)?;
+    let status = response.status().as_u16();
+    let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok()).map(|v| v.trim().to_owned());
+    Ok((Response { status, headers: Vec::new(), body: response.bytes().map_err(failed)?.to_vec() }, content_type))
 }

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::face::detector::iou;
-use crate::face::image::{ImageLimits, decode};
-use crate::face::{AnalyzerOptions, Face, FaceAnalyzer, StageTimes, cosine, most_prominent};
+use facerec::face::detector::iou;
+use facerec::face::image::{ImageLimits, decode};
+use facerec::face::{AnalyzerOptions, Face, FaceAnalyzer, StageTimes, cosine, most_prominent};
 
 /// `labels.json`: see the face set's README.
 #[derive(Debug, Clone, Deserialize)]

@@ -1,15 +1,12 @@
 //! A small HTTP/1.1 load generator: N keep-alive connections, each sending the next body
-//! as soon as the previous answer is read (closed loop), for a fixed time. Raw tokio TCP,
-//! responses framed by Content-Length. Latency per request, answers by status, and the
+//! as soon as the previous answer is read (closed loop), for a fixed time, on reqwest (one
+//! client per connection). Latency per request, answers by status, and the
 //! server's x-queue-time / x-inference-time headers.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// What to send.
 #[derive(Debug, Clone)]
@@ -89,104 +86,45 @@ impl LevelReport {
     }
 }
 
-/// One answer as seen by a connection.
+/// One answer's status and timing headers.
 struct Answer {
     status: u16,
     queue_ms: Option<f64>,
     inference_ms: Option<f64>,
 }
 
-/// Sends one request on `stream` and reads its answer into `buf`.
-async fn exchange(stream: &mut TcpStream, request: &[u8], buf: &mut Vec<u8>) -> std::io::Result<Answer> {
-    stream.write_all(request).await?;
-    buf.clear();
-    let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let mut chunk = [0u8; 16 * 1024];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(bad("connection closed"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| bad("head is not UTF-8"))?;
-    let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| bad("no status"))?;
-    let header = |name: &str| -> Option<&str> {
-        head.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()))
-    };
-    let length: usize = header("content-length").and_then(|v| v.parse().ok()).ok_or_else(|| bad("no content-length"))?;
-    let answer = Answer {
-        status,
-        queue_ms: header("x-queue-time").and_then(|v| v.parse().ok()),
-        inference_ms: header("x-inference-time").and_then(|v| v.parse().ok()),
-    };
-    let mut have = buf.len() - head_end;
-    while have < length {
-        let mut chunk = vec![0u8; (length - have).min(64 * 1024)];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(bad("connection closed mid-body"));
-        }
-        have += n;
-    }
+/// Sends one body and reads the whole answer (framing is reqwest's).
+async fn exchange(client: &reqwest::Client, url: &str, body: &[u8]) -> reqwest::Result<Answer> {
+    let response = client.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body.to_vec()).send().await?;
+    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok());
+    let answer = Answer { status: response.status().as_u16(), queue_ms: header("x-queue-time"), inference_ms: header("x-inference-time") };
+    response.bytes().await?;
     Ok(answer)
 }
 
 /// `connections` closed-loop connections for `warm_up` (not counted) then `measure`.
 pub async fn drive(target: &Target, connections: usize, warm_up: Duration, measure: Duration) -> anyhow::Result<LevelReport> {
     anyhow::ensure!(!target.bodies.is_empty(), "nothing to send");
-    let requests: Arc<Vec<Vec<u8>>> = Arc::new(
-        target
-            .bodies
-            .iter()
-            .map(|b| {
-                let mut r = format!(
-                    "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-                    target.path,
-                    target.addr,
-                    b.len()
-                )
-                .into_bytes();
-                r.extend_from_slice(b);
-                r
-            })
-            .collect(),
-    );
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(target.bodies.clone());
+    let url: Arc<str> = format!("http://{}{}", target.addr, target.path).into();
     let start = Instant::now();
     let (from, until) = (start + warm_up, start + warm_up + measure);
     let mut tasks = tokio::task::JoinSet::new();
     for c in 0..connections {
-        let requests = Arc::clone(&requests);
-        let addr = target.addr;
+        let (bodies, url) = (Arc::clone(&bodies), Arc::clone(&url));
+        // One client per connection, keeping at most one idle connection: a keep-alive
+        // connection per closed loop, reopened after a failure.
+        let client = reqwest::Client::builder().pool_max_idle_per_host(1).tcp_nodelay(true).no_proxy().build()?;
         tasks.spawn(async move {
             let mut r = LevelReport::default();
-            let mut buf = Vec::with_capacity(64 * 1024);
-            let mut stream: Option<TcpStream> = None;
             let mut i = c;
             loop {
                 let now = Instant::now();
                 if now >= until {
                     break;
                 }
-                let s = match stream.as_mut() {
-                    Some(s) => s,
-                    None => match TcpStream::connect(addr).await {
-                        Ok(s) => {
-                            let _ = s.set_nodelay(true);
-                            stream.insert(s)
-                        }
-                        Err(_) => {
-                            r.io_errors += 1;
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                            continue;
-                        }
-                    },
-                };
                 let sent = Instant::now();
-                let result = exchange(s, &requests[i % requests.len()], &mut buf).await;
+                let result = exchange(&client, &url, &bodies[i % bodies.len()]).await;
                 let done = Instant::now();
                 i += 1;
                 let counted = done >= from && done <= until;
@@ -201,11 +139,13 @@ pub async fn drive(target: &Target, connections: usize, warm_up: Duration, measu
                             }
                         }
                     }
-                    Err(_) => {
-                        if counted {
+                    Err(e) => {
+                        if counted || e.is_connect() {
                             r.io_errors += 1;
                         }
-                        stream = None;
+                        if e.is_connect() {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
                     }
                 }
             }

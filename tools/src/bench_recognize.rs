@@ -3,7 +3,7 @@
 //! 1. The raw models in-process, with the service's thread settings: the detector on a
 //!    192x192 face crop, the recognizer on one face and in batches of 8/16/32, and the raw
 //!    pipeline (decode, detect, align, embed) one face at a time and in batches.
-//! 2. The service: this binary started as a child (`serve`) on a free port with a temporary
+//! 2. The service: the `facerec` binary started as a child (`serve`) on a free port with a temporary
 //!    SQLite store, log and photo folder, a few enrolled users; `POST /recognize` with one
 //!    real 192x192 face crop per request (the original contract's JSON body), driven at 1,
 //!    4, 16 and 64 keep-alive connections ([`load`]).
@@ -12,20 +12,20 @@
 
 pub mod load;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use base64::Engine as _;
+use facerec::face::crops::face_crops;
 use image::RgbImage;
 
-use crate::config::{ServeConfig, analyzer_options};
-use crate::face::image::{ImageLimits, decode};
-use crate::face::{FaceAnalyzer, FoundBy, StageTimes};
-use crate::runtime::{ActiveBackend, BackendChoice, Runtime, RuntimeOptions};
+use facerec::config::{ServeConfig, analyzer_options};
+use facerec::face::image::{ImageLimits, decode};
+use facerec::face::{FaceAnalyzer, StageTimes};
+use facerec::runtime::{ActiveBackend, BackendChoice, Runtime, RuntimeOptions};
 use load::{LevelReport, Target};
 
 /// Options of `bench recognize`.
@@ -47,44 +47,6 @@ pub const CROP_SIDE: u32 = 192;
 /// The photos crops are cut from, and the users enrolled (one photo each).
 const PHOTOS: &[&str] = &["img5.jpg", "img6.jpg", "img10.jpg", "img11.jpg", "img12.jpg", "img16.jpg", "img17.jpg", "t1.jpg"];
 const ENROL: &[(&str, &str)] = &[("id01", "img5.jpg"), ("id02", "img12.jpg"), ("id05", "img16.jpg")];
-
-/// Square JPEG crops of `side` pixels around each face the analyzer finds in `photos` (the
-/// face about 60% of the crop, as upstream trackers cut them), kept only when the detector
-/// finds the face again in the crop itself (no padded retry needed).
-pub fn face_crops(analyzer: &mut FaceAnalyzer, photos: &[Vec<u8>], side: u32) -> anyhow::Result<Vec<Vec<u8>>> {
-    let mut out = Vec::new();
-    for bytes in photos {
-        let img = decode(bytes, &ImageLimits::default())?.rgb;
-        let faces = analyzer.analyze(&img, &mut StageTimes::default())?;
-        for f in faces.iter().filter(|f| f.det_score > 0.6) {
-            let (w, h) = (f.bbox[2] - f.bbox[0], f.bbox[3] - f.bbox[1]);
-            let s = (w.max(h) * 1.6).round().max(48.0) as u32;
-            let s = s.min(img.width()).min(img.height());
-            let cx = (f.bbox[0] + f.bbox[2]) / 2.0;
-            let cy = (f.bbox[1] + f.bbox[3]) / 2.0;
-            let x = (cx - s as f32 / 2.0).round().clamp(0.0, (img.width() - s) as f32) as u32;
-            let y = (cy - s as f32 / 2.0).round().clamp(0.0, (img.height() - s) as f32) as u32;
-            let cut = image::imageops::crop_imm(&img, x, y, s, s).to_image();
-            let small = image::imageops::resize(&cut, side, side, image::imageops::FilterType::Triangle);
-            let jpeg = encode_jpeg(&small)?;
-            let back = decode(&jpeg, &ImageLimits::default())?.rgb;
-            let located = analyzer.locate(&back, &mut StageTimes::default())?;
-            if located.found_by == FoundBy::Detector && !located.detections.is_empty() {
-                out.push(jpeg);
-            }
-        }
-    }
-    if out.is_empty() {
-        bail!("no usable face crop in the photos");
-    }
-    Ok(out)
-}
-
-fn encode_jpeg(img: &RgbImage) -> anyhow::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, 90).encode_image(img)?;
-    Ok(buf)
-}
 
 /// The raw models' figures.
 #[derive(Debug, Clone, Default)]
@@ -210,7 +172,7 @@ impl Service {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let exe = std::env::current_exe().context("locating this binary")?;
+        let exe = facerec_binary()?;
         let m = &cfg.models;
         let mut cmd = Command::new(exe);
         cmd.arg("serve")
@@ -279,26 +241,39 @@ impl Service {
     }
 }
 
+/// The service binary: FACEREC_BIN, else `facerec` beside this binary (the same target folder:
+/// `cargo build --release` at the root builds it).
+fn facerec_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FACEREC_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe().context("locating this binary")?;
+    let exe = me.with_file_name(format!("facerec{}", std::env::consts::EXE_SUFFIX));
+    anyhow::ensure!(
+        exe.is_file(),
+        "no service binary at {}: build it (cargo build, with the same profile) or set FACEREC_BIN",
+        exe.display()
+    );
+    Ok(exe)
+}
+
 fn tail(s: &str, n: usize) -> &str {
     let start = s.len().saturating_sub(n);
     let start = (start..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(s.len());
     &s[start..]
 }
 
-/// One request over a fresh connection (setup only): (status, body).
+/// One request (setup and probes only, not the measured load): (status, body).
 fn http(addr: SocketAddr, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let ct = content_type.map(|c| format!("Content-Type: {c}\r\n")).unwrap_or_default();
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{ct}Content-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-    s.write_all(head.as_bytes())?;
-    s.write_all(body)?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)?;
-    let text = String::from_utf8_lossy(&resp);
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
-    let body = resp.windows(4).position(|w| w == b"\r\n\r\n").map(|i| resp[i + 4..].to_vec()).unwrap_or_default();
-    Ok((status, body))
+    let client =
+        reqwest::blocking::Client::builder().connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(60)).no_proxy().build()?;
+    let mut request = client.request(reqwest::Method::from_bytes(method.as_bytes())?, format!("http://{addr}{path}")).body(body.to_vec());
+    if let Some(c) = content_type {
+        request = request.header(reqwest::header::CONTENT_TYPE, c);
+    }
+    let response = request.send()?;
+    let status = response.status().as_u16();
+    Ok((status, response.bytes()?.to_vec()))
 }
 
 /// Creates the users and enrols one photo each.
@@ -344,7 +319,7 @@ pub fn run(cfg: ServeConfig, opts: RecognizeBench) -> anyhow::Result<()> {
         PHOTOS.iter().map(|p| std::fs::read(opts.fixtures.join(p)).with_context(|| format!("reading {p}"))).collect::<Result<_, _>>()?;
     let runtime_options = cfg.models.runtime_options(usize::from(cfg.workers));
     let threads = runtime_options.intra_threads;
-    let pack_dir = crate::fetch::ensure_pack(&cfg.models.model_cache_dir, &cfg.models.model_pack)?;
+    let pack_dir = facerec::fetch::ensure_pack(&cfg.models.model_cache_dir, &cfg.models.model_pack)?;
     // The raw models on each backend, one after the other (each its own runtime: ONNX
     // Runtime's environment exists once per process, OpenVINO's core beside it).
     let mut raws: Vec<(ActiveBackend, RawFigures)> = Vec::new();

@@ -8,18 +8,17 @@
 //! time, resident memory, exact and fast top-k latency, fast recall on planted matches, write
 //! latency), then loading 1M users from the embedded SQLite store as `serve` does at start.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 
-use crate::api;
-use crate::config::ServeConfig;
-use crate::store::faces::{FaceRecord, FaceRecordStore, StoredImage};
-use crate::store::sqlite::SqliteStore;
+use facerec::api;
+use facerec::config::ServeConfig;
+use facerec::store::faces::{FaceRecord, FaceRecordStore, StoredImage};
+use facerec::store::sqlite::SqliteStore;
 
 /// Options of `bench search`.
 #[derive(Debug, Clone)]
@@ -74,7 +73,7 @@ pub async fn search(mut cfg: ServeConfig, opts: SearchBench) -> anyhow::Result<(
                 id,
                 display_name: format!("Synthetic {i}"),
                 inserted_at: SystemTime::now(),
-                face_vec: synthetic_vector(i as u64 + 1, crate::store::EMBEDDING_DIM),
+                face_vec: synthetic_vector(i as u64 + 1, facerec::store::EMBEDDING_DIM),
                 model_id: model_id.clone(),
             };
             store.insert_face(&record, Some(&image)).await?;
@@ -84,7 +83,7 @@ pub async fn search(mut cfg: ServeConfig, opts: SearchBench) -> anyhow::Result<(
     drop(store);
 
     let started = Instant::now();
-    let service = crate::serve::build(&cfg).await?;
+    let service = facerec::serve::build(&cfg).await?;
     println!("service ready with {} face records in {:.1} s", service.state.service.face_index().len(), started.elapsed().as_secs_f64());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -92,17 +91,14 @@ pub async fn search(mut cfg: ServeConfig, opts: SearchBench) -> anyhow::Result<(
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
     let runs = opts.runs.max(1);
-    let samples = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(Duration, f64, f64, f64)>> {
-        let mut out = Vec::new();
-        for i in 0..runs + 3 {
-            let s = search_once(addr, &query)?;
-            if i >= 3 {
-                out.push(s);
-            }
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(30)).no_proxy().build()?;
+    let mut samples = Vec::new();
+    for i in 0..runs + 3 {
+        let s = search_once(&client, addr, &query).await?;
+        if i >= 3 {
+            samples.push(s);
         }
-        Ok(out)
-    })
-    .await??;
+    }
     server.abort();
 
     let mut total: Vec<f64> = samples.iter().map(|s| s.0.as_secs_f64() * 1000.0).collect();
@@ -134,40 +130,33 @@ outside inference and queue p50 {out50:.1} ms ({:.1}% of p50), of which gallery 
 async fn probe_model_id(cfg: &ServeConfig) -> anyhow::Result<String> {
     let models = cfg.models.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let pack_dir = crate::fetch::ensure_pack(&models.model_cache_dir, &models.model_pack)?;
-        Ok(crate::face::pack::resolve(&pack_dir)?.recognizer_id)
+        let pack_dir = facerec::fetch::ensure_pack(&models.model_cache_dir, &models.model_pack)?;
+        Ok(facerec::face::pack::resolve(&pack_dir)?.recognizer_id)
     })
     .await?
 }
 
-/// One multipart search over a fresh connection: (wall time, inference ms, queue ms, search ms).
-fn search_once(addr: SocketAddr, image: &[u8]) -> anyhow::Result<(Duration, f64, f64, f64)> {
+/// One multipart search (the client keeps no idle connection: a fresh one each time):
+/// (wall time, inference ms, queue ms, search ms).
+async fn search_once(client: &reqwest::Client, addr: SocketAddr, image: &[u8]) -> anyhow::Result<(Duration, f64, f64, f64)> {
     let boundary = "benchBoundary";
     let mut body =
         format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n")
             .into_bytes();
     body.extend_from_slice(image);
     body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let head = format!(
-        "POST /api/face/search HTTP/1.1\r\nHost: {addr}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
     let started = Instant::now();
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.write_all(head.as_bytes())?;
-    s.write_all(&body)?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)?;
+    let response = client
+        .post(format!("http://{addr}/api/face/search"))
+        .header(reqwest::header::CONTENT_TYPE, format!("multipart/form-data; boundary={boundary}"))
+        .body(body)
+        .send()
+        .await?;
+    let (status, headers) = (response.status(), response.headers().clone());
+    let answer = response.bytes().await?;
     let elapsed = started.elapsed();
-    let text = String::from_utf8_lossy(&resp);
-    anyhow::ensure!(text.starts_with("HTTP/1.1 200"), "search failed: {}", text.lines().next().unwrap_or(""));
-    let header = |name: &str| -> f64 {
-        text.lines()
-            .take_while(|l| !l.is_empty())
-            .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).and_then(|(_, v)| v.trim().parse().ok()))
-            .unwrap_or(0.0)
-    };
+    anyhow::ensure!(status == reqwest::StatusCode::OK, "search failed: {status} {}", String::from_utf8_lossy(&answer));
+    let header = |name: &str| -> f64 { headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0) };
     Ok((elapsed, header("x-inference-time"), header("x-queue-time"), header("x-search-time")))
 }
 
@@ -239,12 +228,12 @@ fn planted_query(x: &[f32], c: f32, seed: u64) -> Vec<f32> {
 /// fast top-1/top-5 latency, fast recall@1 on planted queries, write latency), then a load of
 /// `store_users` users from the embedded SQLite store the way `serve` does at start.
 pub fn gallery(opts: GalleryBench) -> anyhow::Result<()> {
-    use crate::gallery::{CHUNK_ROWS, Gallery, SearchOptions};
-    let dim = crate::store::EMBEDDING_DIM;
+    use facerec::gallery::{CHUNK_ROWS, Gallery, SearchOptions};
+    let dim = facerec::store::EMBEDDING_DIM;
     let queries = opts.queries.max(1);
     println!(
         "gallery bench: dim {dim}, {} cores, chunks of {CHUNK_ROWS} rows, {queries} timed queries per figure, {} planted queries per level",
-        crate::config::available_cores(),
+        facerec::config::available_cores(),
         opts.recall_queries
     );
     // `--sizes 0`: only the store load, in a fresh process (as at a real start).
@@ -352,9 +341,9 @@ gallery heap {:.0} MiB (rows {:.0} MiB)",
 }
 
 /// Fills (once; reused) an SQLite file with `store_users` users, then times what `serve`
-/// does at start: [`crate::service::load::gallery`].
+/// does at start: [`facerec::service::load::gallery`].
 fn store_load(opts: &GalleryBench) -> anyhow::Result<()> {
-    let dim = crate::store::EMBEDDING_DIM;
+    let dim = facerec::store::EMBEDDING_DIM;
     let n = opts.store_users;
     let model_id = "bench-model";
     let dir = opts.work_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("facerec-bench-gallery"));
@@ -399,7 +388,7 @@ fn store_load(opts: &GalleryBench) -> anyhow::Result<()> {
     let started = Instant::now();
     let store = SqliteStore::open(&path)?;
     // As serve::build does: the store streams, the gallery is built meanwhile.
-    let (gallery, _) = rt.block_on(crate::service::load::gallery(&store, model_id, dim))?;
+    let (gallery, _) = rt.block_on(facerec::service::load::gallery(&store, model_id, dim))?;
     let users = gallery.len();
     let total = started.elapsed();
     let after = rss();

@@ -1,19 +1,29 @@
-//! `facerec eval` and `facerec fetch` as a user runs them: the real binary on the fixtures.
+//! `facerec-tools eval` as a user runs it: the real binary on the repository's fixtures, with
+//! the repository's model cache (MODEL_CACHE_DIR, default `models/` at the root).
 
-mod support;
-
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::models::{cache_dir, fixtures};
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
 
-fn facerec(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_facerec"))
+fn fixtures() -> PathBuf {
+    root().join("tests/fixtures")
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("MODEL_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models"))
+}
+
+fn tools(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_facerec-tools"))
         .args(args)
         .env("MODEL_CACHE_DIR", cache_dir())
         .env("EXECUTION_PROVIDER", "cpu")
         .env("RUST_LOG", "warn")
         .output()
-        .expect("facerec runs")
+        .expect("facerec-tools runs")
 }
 
 #[test]
@@ -21,7 +31,7 @@ fn eval_prints_a_report_and_a_json_summary_last() {
     let dir = fixtures();
     let labels = dir.join("labels.json");
     let golden = dir.join("golden_det640.json");
-    let out = facerec(&[
+    let out = tools(&[
         "eval",
         "--images",
         dir.to_str().unwrap_or("."),
@@ -71,26 +81,15 @@ fn eval_prints_a_report_and_a_json_summary_last() {
 
 #[test]
 fn eval_with_a_missing_labels_file_says_so() {
-    let out = facerec(&["eval", "--images", ".", "--labels", "/nonexistent/labels.json"]);
+    let out = tools(&["eval", "--images", ".", "--labels", "/nonexistent/labels.json"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/labels.json"), "{err}");
 }
 
 #[test]
-fn fetch_reports_the_cached_files() {
-    let out = facerec(&["fetch"]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "fetch failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        stdout.contains("libonnxruntime.so.1.31.1") && stdout.contains("w600k_mbf.onnx") && stdout.contains("scrfd_500m_bnkps.onnx"),
-        "{stdout}"
-    );
-}
-
-#[test]
 fn a_bad_det_size_is_refused_with_one_clear_line() {
-    let out = facerec(&["eval", "--images", ".", "--labels", "x.json", "--det-size", "300"]);
+    let out = tools(&["eval", "--images", ".", "--labels", "x.json", "--det-size", "300"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("multiple of 32"), "{err}");
