@@ -110,9 +110,6 @@ pub struct RequestOutcome<'a> {
     pub route: &'a str,
     pub status: u16,
     pub latency: Duration,
-    /// The request's engine queue time and inference time, when the engine computed anything.
-    pub queue_time: Option<Duration>,
-    pub inference_time: Option<Duration>,
     /// The catalogue code of an error answer.
     pub error_code: Option<&'static str>,
 }
@@ -182,18 +179,19 @@ impl Metrics {
         BodyBytes(&self.body_bytes, n)
     }
 
+    /// Records the engine's share of one request that used it (the longest queue wait and the
+    /// longest inference of its images), where the engine measures them.
+    pub fn engine_request(&self, queue: Duration, inference: Duration) {
+        self.queue_time.observe_duration(queue);
+        self.inference_time.observe_duration(inference);
+    }
+
     /// Records a finished request.
     pub fn record(&self, r: &RequestOutcome<'_>) {
         let series = self.route(r.route);
         let m = METHODS.iter().position(|&m| m == r.method).unwrap_or(METHODS.len() - 1);
         series.latency[m].observe_duration(r.latency);
         bump(&series.statuses, (m as u8, r.status));
-        if let Some(q) = r.queue_time {
-            self.queue_time.observe_duration(q);
-        }
-        if let Some(i) = r.inference_time {
-            self.inference_time.observe_duration(i);
-        }
         if let Some(code) = r.error_code {
             bump(&self.error_codes, code);
         }
@@ -266,12 +264,12 @@ impl Metrics {
         }
         out.histogram(
             "facerec_queue_time_seconds",
-            "Per request that used the engine: the longest wait of its images in the inference queue (x-queue-time).",
+            "Per request that used the engine: the longest wait of its images in the inference queue (as x-queue-time).",
             &self.queue_time.snapshot(),
         );
         out.histogram(
             "facerec_inference_time_seconds",
-            "Per request that used the engine: the longest inference of its images (x-inference-time).",
+            "Per request that used the engine: the longest inference of its images (as x-inference-time).",
             &self.inference_time.snapshot(),
         );
         out.header("facerec_http_errors_total", "Error answers, by catalogue code.", "counter");
@@ -486,18 +484,13 @@ mod tests {
     #[test]
     fn requests_are_counted_by_method_route_and_status() {
         let m = Metrics::new();
-        let ok = RequestOutcome {
-            method: "POST",
-            route: "/recognize",
-            status: 200,
-            latency: Duration::from_millis(30),
-            queue_time: Some(Duration::from_millis(2)),
-            inference_time: Some(Duration::from_millis(20)),
-            error_code: None,
-        };
+        let ok = RequestOutcome { method: "POST", route: "/recognize", status: 200, latency: Duration::from_millis(30), error_code: None };
         m.record(&ok);
         m.record(&ok);
-        m.record(&RequestOutcome { status: 400, error_code: Some("invalid_json"), queue_time: None, inference_time: None, ..ok });
+        m.record(&RequestOutcome { status: 400, error_code: Some("invalid_json"), ..ok });
+        for _ in 0..3 {
+            m.engine_request(Duration::from_millis(2), Duration::from_millis(20));
+        }
         m.record(&RequestOutcome { method: "BREW", route: UNMATCHED_ROUTE, status: 404, error_code: Some("not_found"), ..ok });
         m.store_failure(StoreFailure::Unavailable);
         let mut e = Exposition::new();

@@ -1,12 +1,12 @@
 //! What every request carries and leaves behind: its request id (kept from a sane
 //! `x-request-id`, else a fresh UUID v4; echoed on every response), the tracing span that puts
 //! that id and the matched route on every log line of the request, and its figures in the
-//! process metrics (method, route, status, latency, the engine's `x-queue-time` /
-//! `x-inference-time`, the error code). The middleware [`observe`] is the router's outermost
+//! process metrics (method, route, status, latency, the error code; the engine's queue and
+//! inference times are recorded where they are measured, in `engine::timing`). The middleware [`observe`] is the router's outermost
 //! layer; [`span_for`] is the `TraceLayer`'s span.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue};
@@ -19,9 +19,6 @@ use crate::metrics::{self, RequestOutcome, UNMATCHED_ROUTE};
 
 /// The request id header, read and written.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// The engine's timing headers (milliseconds), read into the metrics.
-const X_QUEUE_TIME: &str = "x-queue-time";
-const X_INFERENCE_TIME: &str = "x-inference-time";
 
 /// Longest request id kept from a client.
 const MAX_REQUEST_ID: usize = 128;
@@ -80,12 +77,6 @@ pub fn span_for<B>(req: &axum::http::Request<B>) -> tracing::Span {
     tracing::info_span!("request", request_id = %id, method = %req.method(), route = %route_of(req))
 }
 
-/// A timing header's milliseconds as a duration.
-fn header_ms(resp: &Response, name: &str) -> Option<Duration> {
-    let ms: f64 = resp.headers().get(name)?.to_str().ok()?.trim().parse().ok()?;
-    (ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0))
-}
-
 /// The outermost middleware: request id in, request id out, figures recorded.
 pub async fn observe(mut req: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -105,8 +96,6 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         route: &route,
         status: resp.status().as_u16(),
         latency: started.elapsed(),
-        queue_time: header_ms(&resp, X_QUEUE_TIME),
-        inference_time: header_ms(&resp, X_INFERENCE_TIME),
         error_code: resp.extensions().get::<ErrorCode>().map(|c| c.as_str()),
     });
     resp

@@ -1,7 +1,8 @@
 //! Per-request engine timing: how long a request's images waited in the queue and how long
 //! they were computed. The HTTP layer opens a [`TimingSink`] around a request ([`scope`]);
-//! every [`super::Engine::analyze`] call made inside it records into it, and the HTTP layer
-//! turns the result into response headers in one place. Knows nothing of HTTP.
+//! every [`super::Engine::analyze`] call made inside it records into it. When the scope ends,
+//! the request's figures go into the process histograms here, once, where they are measured;
+//! the HTTP layer turns the same [`RequestTiming`] into response headers. Knows nothing of HTTP.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,9 +65,15 @@ impl TimingSink {
     }
 }
 
-/// Runs `f` with `sink` collecting the timing of its engine calls.
+/// Runs `f` with `sink` collecting the timing of its engine calls; when `f` finishes and the
+/// engine computed anything for it, records the figures into the process metrics (once per
+/// request: the values the response headers carry).
 pub async fn scope<F: Future>(sink: TimingSink, f: F) -> F::Output {
-    SINK.scope(sink, f).await
+    let out = SINK.scope(sink.clone(), f).await;
+    if let Some(t) = sink.get() {
+        crate::metrics::global().engine_request(t.queue, t.inference);
+    }
+    out
 }
 
 /// Wraps `f` so that it records into the current request's sink even when it runs as a
@@ -108,5 +115,29 @@ mod tests {
         assert_eq!((t.queue, t.inference, t.jobs), (Duration::from_millis(5), Duration::from_millis(10), 2));
         assert_eq!(TimingSink::new().get(), None);
         record(Duration::ZERO, Duration::ZERO); // outside any scope: ignored
+    }
+
+    fn engine_counts() -> (u64, u64) {
+        let mut e = crate::metrics::Exposition::new();
+        crate::metrics::global().render(&mut e);
+        let text = e.finish();
+        let count = |name: &str| -> u64 {
+            let prefix = format!("{name}_count ");
+            text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+        };
+        (count("facerec_queue_time_seconds"), count("facerec_inference_time_seconds"))
+    }
+
+    #[tokio::test]
+    async fn a_scope_that_used_the_engine_feeds_the_histograms_once() {
+        // The registry is process-global and other tests may feed it meanwhile: at least one more.
+        let before = engine_counts();
+        scope(TimingSink::new(), async {
+            record(Duration::from_millis(1), Duration::from_millis(2));
+            record(Duration::from_millis(1), Duration::from_millis(2));
+        })
+        .await;
+        let after = engine_counts();
+        assert!(after.0 > before.0 && after.1 > before.1, "{before:?} -> {after:?}");
     }
 }
