@@ -10,6 +10,7 @@
 pub mod api;
 pub mod audit;
 pub mod civil;
+pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use facerec::config::{LogConfig, LogFormat, ModelConfig, ServeConfig};
+use facerec::config::{LogConfig, ModelConfig, ServeConfig};
 use facerec::fetch::{self, RuntimeFlavor};
 
 #[derive(Debug, Parser)]
@@ -37,24 +37,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    // A missing .env is fine; a malformed one is reported.
-    if let Err(e) = dotenvy::dotenv()
-        && !e.not_found()
-    {
-        eprintln!("error: .env: {e}");
-        return ExitCode::from(2);
-    }
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match facerec::cli::parse() {
         Ok(cli) => cli,
-        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => e.exit(),
-        Err(e) => {
-            // One clear line: clap's first line names the flag (and its variable) and the problem.
-            let text = e.render().to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("error: invalid arguments"));
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    init_tracing(cli.log.log_format);
+    facerec::cli::init_tracing(cli.log.log_format);
     let result = match cli.command {
         Some(Command::Fetch { models }) => run_fetch(&models),
         Some(Command::Serve(cfg)) => run_serve(cfg),
@@ -78,23 +65,6 @@ fn run_serve(cfg: ServeConfig) -> anyhow::Result<()> {
     // serve::run has drained what matters; a stuck blocking task must not hold the exit.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     served
-}
-
-/// Logging on stderr: RUST_LOG's verbosity, in LOG_FORMAT's shape (after the command line is
-/// parsed, which logs nothing: its errors are printed as one plain line).
-fn init_tracing(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => {
-            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            builder.with_ansi(ansi).init();
-        }
-        // One object per line: timestamp, level, target, the event's fields (message included)
-        // at the top level, and the spans it happened in (a request's: request_id, method, route).
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(true).init(),
-    }
 }
 
 fn run_fetch(models: &ModelConfig) -> anyhow::Result<()> {

@@ -234,23 +234,12 @@ fn a_tiny_jpeg_claiming_40_megapixels_is_refused_fast() {
 // ---------------------------------------------------------------------------------------------
 // PNG
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
-}
-
 fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
     let mut body = kind.to_vec();
     body.extend_from_slice(data);
     let mut c = (data.len() as u32).to_be_bytes().to_vec();
     c.extend_from_slice(&body);
-    c.extend_from_slice(&crc32(&body).to_be_bytes());
+    c.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
     c
 }
 
@@ -371,4 +360,82 @@ fn a_cmyk_scan_bomb_is_refused_before_the_fallback_decoder() {
         Err(FaceError::TooCostly(m)) => assert!(m.contains("scans"), "{m}"),
         other => panic!("expected too costly, got {other:?}"),
     }
+}
+
+/// Issue 15's first Must-show over HTTP, against the real binary with its defaults: a client
+/// posting the 2000-scan bomb to /recognize back to back beside a normal client posting one real
+/// crop. Prints the normal client's p50/p99 idle and during the bombs, their ratio, and how fast
+/// the bombs were answered (and with what).
+/// `cargo test --test decode_budget normal_client_beside -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement: prints figures, asserts only that the bombs are refused"]
+fn a_normal_client_beside_a_stream_of_scan_bombs() {
+    use base64::Engine as _;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let bomb = last_scan_repeated(&progressive_grey(6000), 2000);
+    let dir = support::TempDir::new("bomb-beside");
+    let server = support::Server::start(dir.path());
+    let port = server.port;
+    let normal =
+        serde_json::to_vec(&serde_json::json!({"bboxes": [{"crop": b64(&support::fixture("Tom_Hanks_54745.png"))}]})).expect("json");
+    let bomb_body = serde_json::to_vec(&serde_json::json!({"bboxes": [{"crop": b64(&bomb)}]})).expect("json");
+    let post = |body: &[u8]| {
+        let t = Instant::now();
+        let r = support::request(port, "POST", "/recognize", Some("application/json"), body, Duration::from_secs(120)).expect("answered");
+        (t.elapsed().as_secs_f64() * 1000.0, r)
+    };
+    let series = |n: usize| {
+        let mut ms: Vec<f64> = (0..n)
+            .map(|_| post(&normal))
+            .map(|(t, r)| {
+                assert_eq!(r.status, 200, "{}", r.text());
+                t
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        ms
+    };
+    let pct = |v: &[f64], p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    series(5); // warm-up
+    let idle = series(40);
+    let stop = AtomicBool::new(false);
+    let (loaded, bombs) = std::thread::scope(|s| {
+        let bomber = s.spawn(|| {
+            let mut out = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let (t, r) = post(&bomb_body);
+                let code = r.json()["meta"]["bboxes"][0]["error"]["code"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .or_else(|| r.json()["code"].as_str().map(str::to_owned));
+                out.push((t, r.status, code));
+            }
+            out
+        });
+        let loaded = series(40);
+        stop.store(true, Ordering::Relaxed);
+        (loaded, bomber.join().expect("bomber"))
+    });
+    let mut bomb_ms: Vec<f64> = bombs.iter().map(|b| b.0).collect();
+    bomb_ms.sort_by(f64::total_cmp);
+    let codes: std::collections::BTreeSet<String> = bombs.iter().map(|b| format!("{} {}", b.1, b.2.as_deref().unwrap_or("-"))).collect();
+    println!(
+        "MEASURED normal /recognize idle p50={:.1}ms p99={:.1}ms; beside bombs p50={:.1}ms p99={:.1}ms; ratio p50 {:.2}x",
+        pct(&idle, 0.5),
+        pct(&idle, 0.99),
+        pct(&loaded, 0.5),
+        pct(&loaded, 0.99),
+        pct(&loaded, 0.5) / pct(&idle, 0.5)
+    );
+    println!(
+        "MEASURED {} bombs of {} KB ({} KB of JSON): answered p50={:.0}ms max={:.0}ms; answers: {codes:?}",
+        bombs.len(),
+        bomb.len() >> 10,
+        bomb_body.len() >> 10,
+        pct(&bomb_ms, 0.5),
+        bomb_ms.last().copied().unwrap_or(f64::NAN)
+    );
+    assert!(!bombs.is_empty(), "no bomb was sent");
+    assert!(bombs.iter().all(|b| b.2.is_some()), "every bomb answered with an error code: {codes:?}");
 }

@@ -141,6 +141,46 @@ async fn client(pool: &deadpool_postgres::Pool) -> Result<deadpool_postgres::Obj
     pool.get().await.map_err(|e| super::pool_err("connecting", e))
 }
 
+/// What the two feeds share: a channel whose payloads are keys (names, ids), the keys to read
+/// again, and a compare of the whole table after a (re)connection.
+trait Follows {
+    /// What is followed, for the log.
+    const WHAT: &'static str;
+    fn parts(&mut self) -> (&mut Channel, &mut HashSet<String>);
+    /// Adds to the pending keys every one whose row differs from what was delivered.
+    fn compare(&mut self) -> impl std::future::Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// Waits until a feed has keys to read: heard on its channel, or found by a compare (after a
+/// (re)connection); a failure is logged and retried with backoff.
+async fn wait_for_pending<F: Follows + Send>(feed: &mut F) {
+    let mut retry = Retry::default();
+    loop {
+        let (channel, pending) = feed.parts();
+        if !pending.is_empty() {
+            return;
+        }
+        let step = match channel.next().await {
+            Ok(Some(keys)) => {
+                pending.extend(keys);
+                Ok(())
+            }
+            Ok(None) => feed.compare().await,
+            Err(e) => Err(e),
+        };
+        match step {
+            Ok(()) => {
+                retry.after_success();
+            }
+            Err(e) => {
+                retry
+                    .after_failure(|| tracing::warn!("postgres store: cannot follow other replicas' {} for now ({e}); retrying", F::WHAT))
+                    .await
+            }
+        }
+    }
+}
+
 /// Follows `users`.
 pub struct PgUsersFeed {
     pool: deadpool_postgres::Pool,
@@ -154,27 +194,7 @@ pub struct PgUsersFeed {
 #[async_trait::async_trait]
 impl ChangeFeed<Change> for PgUsersFeed {
     async fn wait(&mut self) {
-        let mut retry = Retry::default();
-        while self.pending.is_empty() {
-            let step = match self.channel.next().await {
-                Ok(Some(names)) => {
-                    self.pending.extend(names);
-                    Ok(())
-                }
-                Ok(None) => self.compare().await,
-                Err(e) => Err(e),
-            };
-            match step {
-                Ok(()) => {
-                    retry.after_success();
-                }
-                Err(e) => {
-                    retry
-                        .after_failure(|| tracing::warn!("postgres store: cannot follow other replicas' users for now ({e}); retrying"))
-                        .await
-                }
-            }
-        }
+        wait_for_pending(self).await
     }
 
     async fn changes(&mut self) -> Result<Vec<Change>, StoreError> {
@@ -217,7 +237,13 @@ impl ChangeFeed<Change> for PgUsersFeed {
     }
 }
 
-impl PgUsersFeed {
+impl Follows for PgUsersFeed {
+    const WHAT: &'static str = "users";
+
+    fn parts(&mut self) -> (&mut Channel, &mut HashSet<String>) {
+        (&mut self.channel, &mut self.pending)
+    }
+
     /// Every user whose row changed (or appeared, or went) since it was last read.
     async fn compare(&mut self) -> Result<(), StoreError> {
         let rows = client(&self.pool)
@@ -254,29 +280,7 @@ pub struct PgFacesFeed {
 #[async_trait::async_trait]
 impl ChangeFeed<FaceChange> for PgFacesFeed {
     async fn wait(&mut self) {
-        let mut retry = Retry::default();
-        while self.pending.is_empty() {
-            let step = match self.channel.next().await {
-                Ok(Some(ids)) => {
-                    self.pending.extend(ids);
-                    Ok(())
-                }
-                Ok(None) => self.compare().await,
-                Err(e) => Err(e),
-            };
-            match step {
-                Ok(()) => {
-                    retry.after_success();
-                }
-                Err(e) => {
-                    retry
-                        .after_failure(|| {
-                            tracing::warn!("postgres store: cannot follow other replicas' face records for now ({e}); retrying")
-                        })
-                        .await
-                }
-            }
-        }
+        wait_for_pending(self).await
     }
 
     async fn changes(&mut self) -> Result<Vec<FaceChange>, StoreError> {
@@ -318,7 +322,13 @@ impl ChangeFeed<FaceChange> for PgFacesFeed {
     }
 }
 
-impl PgFacesFeed {
+impl Follows for PgFacesFeed {
+    const WHAT: &'static str = "face records";
+
+    fn parts(&mut self) -> (&mut Channel, &mut HashSet<String>) {
+        (&mut self.channel, &mut self.pending)
+    }
+
     /// Every record id in the table compared with what the index holds and was given.
     async fn compare(&mut self) -> Result<(), StoreError> {
         let rows =
