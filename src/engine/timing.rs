@@ -118,9 +118,7 @@ mod tests {
     }
 
     fn engine_counts() -> (u64, u64) {
-        let mut e = crate::metrics::Exposition::new();
-        crate::metrics::global().render(&mut e);
-        let text = e.finish();
+        let text = crate::metrics::global().encode(&[]).expect("encodes");
         let count = |name: &str| -> u64 {
             let prefix = format!("{name}_count ");
             text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)

@@ -1,10 +1,11 @@
-//! Client connection figures (written by `serve::conn`, rendered with the rest by
-//! [`super::Metrics::render`]): open now, refused at MAX_CONNECTIONS, and closed by kind.
+//! Client connection figures (written by `serve::conn`, registered in the process registry of
+//! [`super::Metrics`]): open now, refused at MAX_CONNECTIONS, and closed by kind.
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
-use super::Exposition;
+use super::{KindLabel, Registry, register};
 
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,52 +21,59 @@ pub enum Closed {
 }
 
 /// The connection counters of the process.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConnectionMetrics {
-    open: AtomicI64,
-    refused: AtomicU64,
-    header_timeout: AtomicU64,
-    idle_timeout: AtomicU64,
+    open: Gauge,
+    refused: Counter,
+    /// Series of `timed_out` (by kind), held to count without a map look-up.
+    header_timeout: Counter,
+    idle_timeout: Counter,
 }
 
 /// The process's connection counters.
 pub fn global() -> &'static ConnectionMetrics {
-    static CONNECTIONS: OnceLock<ConnectionMetrics> = OnceLock::new();
-    CONNECTIONS.get_or_init(ConnectionMetrics::default)
+    super::global().connections()
 }
 
 impl ConnectionMetrics {
+    /// The counters, registered in `registry`.
+    pub(super) fn new(registry: &mut Registry) -> ConnectionMetrics {
+        let open = Gauge::default();
+        register(registry, "facerec_connections_open", "Client connections open now.", open.clone());
+        let refused = Counter::default();
+        register(
+            registry,
+            "facerec_connections_refused",
+            "Connections answered 503 and closed at once because MAX_CONNECTIONS were open.",
+            refused.clone(),
+        );
+        let timed_out = Family::<KindLabel, Counter>::default();
+        let header_timeout = timed_out.get_or_create_owned(&KindLabel { kind: "header" });
+        let idle_timeout = timed_out.get_or_create_owned(&KindLabel { kind: "idle" });
+        register(
+            registry,
+            "facerec_connections_timed_out",
+            "Connections closed by a timeout, by kind (header: HEADER_READ_TIMEOUT; idle: KEEPALIVE_TIMEOUT).",
+            timed_out,
+        );
+        ConnectionMetrics { open, refused, header_timeout, idle_timeout }
+    }
+
     pub fn opened(&self) {
-        self.open.fetch_add(1, Ordering::Relaxed);
+        self.open.inc();
     }
 
     pub fn refused(&self) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.refused.inc();
     }
 
     pub fn closed(&self, how: Closed) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
-        match how {
+        self.open.dec();
+        let counter = match how {
             Closed::HeaderTimeout => &self.header_timeout,
             Closed::IdleTimeout => &self.idle_timeout,
             Closed::ByClient | Closed::Stopping => return,
-        }
-        .fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn render(&self, out: &mut Exposition) {
-        out.gauge("facerec_connections_open", "Client connections open now.", self.open.load(Ordering::Relaxed) as f64);
-        out.counter(
-            "facerec_connections_refused_total",
-            "Connections answered 503 and closed at once because MAX_CONNECTIONS were open.",
-            self.refused.load(Ordering::Relaxed),
-        );
-        out.header(
-            "facerec_connections_timed_out_total",
-            "Connections closed by a timeout, by kind (header: HEADER_READ_TIMEOUT; idle: KEEPALIVE_TIMEOUT).",
-            "counter",
-        );
-        out.sample("facerec_connections_timed_out_total", &[("kind", "header")], self.header_timeout.load(Ordering::Relaxed) as f64);
-        out.sample("facerec_connections_timed_out_total", &[("kind", "idle")], self.idle_timeout.load(Ordering::Relaxed) as f64);
+        };
+        counter.inc();
     }
 }

@@ -1,43 +1,36 @@
 //! The streams' figures for `/metrics`: streams open, opened and refused, frames in, processed
 //! and dropped, identifications (recognizer runs for tracks) and the per-frame latency (from the
-//! frame's arrival to its answer being handed to the socket). One registry per process, like
-//! [`crate::metrics::global`].
+//! frame's arrival to its answer being handed to the socket). One registry per process, handed
+//! to [`crate::metrics::Metrics::encode`] at scrape time.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::metrics::{Exposition, Histogram, LATENCY_BUCKETS};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::metrics::{LATENCY_BUCKETS, Registry, histogram, register};
 
 #[derive(Debug)]
 pub struct StreamMetrics {
-    open: AtomicI64,
-    opened: AtomicU64,
-    refused: AtomicU64,
-    frames_in: AtomicU64,
-    processed: AtomicU64,
-    dropped: AtomicU64,
-    failed: AtomicU64,
-    faces: AtomicU64,
-    identified: AtomicU64,
+    registry: Registry,
+    open: Gauge,
+    opened: Counter,
+    refused: Counter,
+    frames_in: Counter,
+    processed: Counter,
+    dropped: Counter,
+    failed: Counter,
+    faces: Counter,
+    identified: Counter,
     latency: Histogram,
 }
 
 /// The process's stream figures.
 pub fn global() -> &'static StreamMetrics {
     static M: OnceLock<StreamMetrics> = OnceLock::new();
-    M.get_or_init(|| StreamMetrics {
-        open: AtomicI64::new(0),
-        opened: AtomicU64::new(0),
-        refused: AtomicU64::new(0),
-        frames_in: AtomicU64::new(0),
-        processed: AtomicU64::new(0),
-        dropped: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
-        faces: AtomicU64::new(0),
-        identified: AtomicU64::new(0),
-        latency: Histogram::new(LATENCY_BUCKETS),
-    })
+    M.get_or_init(StreamMetrics::new)
 }
 
 /// Counts a stream open until dropped.
@@ -46,66 +39,79 @@ pub struct OpenStream(&'static StreamMetrics);
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.dec();
     }
 }
 
 impl StreamMetrics {
+    fn new() -> StreamMetrics {
+        let mut r = Registry::default();
+        let open = Gauge::default();
+        register(&mut r, "facerec_stream_open", "WebSocket streams (/api/stream) open now.", open.clone());
+        let counter = |r: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            register(r, name, help, c.clone());
+            c
+        };
+        let opened = counter(&mut r, "facerec_stream_opened", "WebSocket streams accepted.");
+        let refused = counter(
+            &mut r,
+            "facerec_stream_refused",
+            "WebSocket streams closed for a limit (streams, frame size, frame rate) or bad credentials.",
+        );
+        let frames_in = counter(&mut r, "facerec_stream_frames_in", "Frames received on streams.");
+        let processed = counter(&mut r, "facerec_stream_frames_processed", "Frames detected and answered.");
+        let dropped = counter(
+            &mut r,
+            "facerec_stream_frames_dropped",
+            "Frames replaced by a newer one before they were processed (slow consumer or slow engine).",
+        );
+        let failed = counter(&mut r, "facerec_stream_frames_failed", "Frames answered with an error.");
+        let faces = counter(&mut r, "facerec_stream_faces", "Faces found in stream frames.");
+        let identified = counter(
+            &mut r,
+            "facerec_stream_identifications",
+            "Faces of stream frames embedded and compared (new track, refresh or better face).",
+        );
+        let latency = histogram(LATENCY_BUCKETS);
+        register(&mut r, "facerec_stream_frame_seconds", "Per-frame latency on streams: arrival to answer sent.", latency.clone());
+        StreamMetrics { registry: r, open, opened, refused, frames_in, processed, dropped, failed, faces, identified, latency }
+    }
+
+    /// The registry of these figures, for the exposition.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn opened(&'static self) -> OpenStream {
-        self.opened.fetch_add(1, Ordering::Relaxed);
-        self.open.fetch_add(1, Ordering::Relaxed);
+        self.opened.inc();
+        self.open.inc();
         OpenStream(self)
     }
 
     /// A stream closed because of a limit or bad credentials.
     pub fn refused(&self) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.refused.inc();
     }
 
     pub fn frame_in(&self) {
-        self.frames_in.fetch_add(1, Ordering::Relaxed);
+        self.frames_in.inc();
     }
 
     pub fn dropped(&self, n: u64) {
-        self.dropped.fetch_add(n, Ordering::Relaxed);
+        self.dropped.inc_by(n);
     }
 
     /// A frame answered: its latency, faces and identifications.
     pub fn processed(&self, latency: Duration, faces: usize, identified: usize) {
-        self.processed.fetch_add(1, Ordering::Relaxed);
-        self.faces.fetch_add(faces as u64, Ordering::Relaxed);
-        self.identified.fetch_add(identified as u64, Ordering::Relaxed);
-        self.latency.observe_duration(latency);
+        self.processed.inc();
+        self.faces.inc_by(faces as u64);
+        self.identified.inc_by(identified as u64);
+        self.latency.observe(latency.as_secs_f64());
     }
 
     /// A frame answered with an error (not an image, engine overloaded).
     pub fn failed(&self) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn render(&self, out: &mut Exposition) {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        out.gauge("facerec_stream_open", "WebSocket streams (/api/stream) open now.", self.open.load(Ordering::Relaxed) as f64);
-        out.counter("facerec_stream_opened_total", "WebSocket streams accepted.", get(&self.opened));
-        out.counter(
-            "facerec_stream_refused_total",
-            "WebSocket streams closed for a limit (streams, frame size, frame rate) or bad credentials.",
-            get(&self.refused),
-        );
-        out.counter("facerec_stream_frames_in_total", "Frames received on streams.", get(&self.frames_in));
-        out.counter("facerec_stream_frames_processed_total", "Frames detected and answered.", get(&self.processed));
-        out.counter(
-            "facerec_stream_frames_dropped_total",
-            "Frames replaced by a newer one before they were processed (slow consumer or slow engine).",
-            get(&self.dropped),
-        );
-        out.counter("facerec_stream_frames_failed_total", "Frames answered with an error.", get(&self.failed));
-        out.counter("facerec_stream_faces_total", "Faces found in stream frames.", get(&self.faces));
-        out.counter(
-            "facerec_stream_identifications_total",
-            "Faces of stream frames embedded and compared (new track, refresh or better face).",
-            get(&self.identified),
-        );
-        out.histogram("facerec_stream_frame_seconds", "Per-frame latency on streams: arrival to answer sent.", &self.latency.snapshot());
+        self.failed.inc();
     }
 }
