@@ -12,7 +12,8 @@ use std::collections::{HashMap, HashSet};
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::super::faces::FaceChange;
 use super::super::{Change, ChangeFeed, Retry, StoreError};
@@ -36,9 +37,14 @@ struct Listener {
 }
 
 /// Opens a connection and `LISTEN`s on `channel`, bounded by `limit`.
-async fn listen(config: &tokio_postgres::Config, channel: &str, limit: std::time::Duration) -> Result<Listener, StoreError> {
+async fn listen(
+    config: &tokio_postgres::Config,
+    tls: &MakeRustlsConnect,
+    channel: &str,
+    limit: std::time::Duration,
+) -> Result<Listener, StoreError> {
     let open = async {
-        let (client, mut connection) = config.connect(NoTls).await.map_err(|e| pg_err("opening the listening connection", &e))?;
+        let (client, mut connection) = config.connect(tls.clone()).await.map_err(|e| pg_err("opening the listening connection", &e))?;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -69,6 +75,7 @@ async fn listen(config: &tokio_postgres::Config, channel: &str, limit: std::time
 /// What both feeds share: the listening connection, and whether to compare next.
 struct Channel {
     config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
     name: &'static str,
     limit: std::time::Duration,
     listener: Option<Listener>,
@@ -80,7 +87,7 @@ impl Channel {
     /// compare is due (after a (re)connection, a lost connection or a `*`).
     async fn next(&mut self) -> Result<Option<Vec<String>>, StoreError> {
         if self.listener.is_none() {
-            self.listener = Some(listen(&self.config, self.name, self.limit).await?);
+            self.listener = Some(listen(&self.config, &self.tls, self.name, self.limit).await?);
             self.compare = true;
         }
         if self.compare {
@@ -114,7 +121,7 @@ impl PgStore {
         // noticed within about a minute rather than the system's two hours.
         let mut config = self.config.clone();
         config.keepalives(true).keepalives_idle(std::time::Duration::from_secs(30));
-        Channel { config, name, limit: self.opts.op_timeout * 2, listener: None, compare: true }
+        Channel { config, tls: self.tls.clone(), name, limit: self.opts.op_timeout * 2, listener: None, compare: true }
     }
 
     pub(super) fn users_feed(&self, known: Option<HashMap<String, String>>) -> PgUsersFeed {

@@ -27,12 +27,12 @@
 
 mod faces;
 mod feed;
+pub mod tls;
 mod users;
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 use super::{EMBEDDING_DIM, StoreError};
@@ -85,6 +85,8 @@ impl Default for PgOptions {
 pub struct PgStore {
     pool: Pool,
     config: tokio_postgres::Config,
+    /// The pool's TLS connector, shared by the listening connections.
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     opts: PgOptions,
     hosts: String,
     /// What the last `load_users` saw (name -> row hash), handed to `follow`.
@@ -101,14 +103,15 @@ impl PgStore {
     /// Connects to `url`, checks within `opts.connect_timeout` that the server answers, and sets
     /// the schema up (DATABASE_MIGRATE=auto) or checks that it is there (off).
     pub async fn connect(url: &str, opts: PgOptions) -> Result<PgStore, StoreError> {
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e| StoreError::Internal(format!("DATABASE_URL is not a usable connection string: {}", one_line(&e))))?;
+        let conn = tls::Connection::parse(url).map_err(StoreError::Internal)?;
+        let protection = conn.describe();
+        let (mut config, tls) = (conn.config, conn.tls);
         if config.get_application_name().is_none() {
             config.application_name("facerec");
         }
         config.connect_timeout(opts.op_timeout.min(opts.connect_timeout));
         let hosts = hosts_of(&config);
-        let manager = Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(config.clone(), tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -117,7 +120,7 @@ impl PgStore {
             .recycle_timeout(Some(opts.op_timeout))
             .build()
             .map_err(|e| StoreError::Internal(format!("PostgreSQL pool: {e}")))?;
-        let store = PgStore { pool, config, opts, hosts, seed: std::sync::Mutex::new(None) };
+        let store = PgStore { pool, config, tls, opts, hosts, seed: std::sync::Mutex::new(None) };
         let deadline = tokio::time::Instant::now() + store.opts.connect_timeout;
         let mut last = String::from("no answer");
         loop {
@@ -141,7 +144,7 @@ impl PgStore {
             Migrate::Auto => store.migrate().await?,
             Migrate::Off => store.check_schema().await?,
         }
-        tracing::info!(hosts = %store.hosts, migrate = ?store.opts.migrate, "postgres store: connected");
+        tracing::info!(hosts = %store.hosts, migrate = ?store.opts.migrate, tls = %protection, "postgres store: connected");
         Ok(store)
     }
 
@@ -236,8 +239,21 @@ fn hosts_of(config: &tokio_postgres::Config) -> String {
 fn pg_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => one_line(&format!("{} ({})", db.message(), db.code().code())),
-        None => one_line(e),
+        None => one_line(&chain(e)),
     }
+}
+
+/// An error and its causes, `: `-separated (tokio-postgres' own text leaves them out: "error
+/// performing TLS handshake" says nothing of the certificate).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// Whether an error means "not now": the connection, the server's resources or its operator.
