@@ -11,6 +11,7 @@ pub mod models;
 pub mod mongo;
 pub mod peak_alloc;
 pub mod pg;
+pub mod pg_tls;
 pub mod s3;
 pub mod stream;
 pub mod venv;

@@ -64,14 +64,22 @@ pub struct Postgres {
 impl Postgres {
     /// initdb (trust authentication, user `postgres`) and start on a free port.
     pub fn start() -> Postgres {
-        let bin = pginstall().join("bin");
+        Postgres::start_with(&pginstall().join("bin"), &[], |_| {})
+    }
+
+    /// The server of the install at `bin`, with `settings` (`-c` pairs) and `prepare` run on the
+    /// data folder after initdb (files it writes there are handed to the server's user).
+    pub fn start_with(bin: &Path, settings: &[(&str, &str)], prepare: impl FnOnce(&Path)) -> Postgres {
         let dir = TempDir::new("pg");
         let data = dir.path().join("data");
         fs::create_dir_all(&data).expect("data dir");
-        if is_root() {
-            let st = Command::new("chown").args(["-R", "nobody:nogroup"]).arg(dir.path()).status();
-            assert!(st.is_ok_and(|s| s.success()), "chown of the data folder to nobody");
-        }
+        let chown = || {
+            if is_root() {
+                let st = Command::new("chown").args(["-R", "nobody:nogroup"]).arg(dir.path()).status();
+                assert!(st.is_ok_and(|s| s.success()), "chown of the data folder to nobody");
+            }
+        };
+        chown();
         let log = dir.path().join("initdb.log");
         run_bounded(
             as_server_user(&bin.join("initdb")).arg("-D").arg(&data).args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"]),
@@ -79,6 +87,9 @@ impl Postgres {
             &log,
             "initdb",
         );
+        prepare(&data);
+        chown();
+        let settings: Vec<String> = settings.iter().flat_map(|(k, v)| ["-c".to_owned(), format!("{k}={v}")]).collect();
         let mut last = String::new();
         for _ in 0..3 {
             let port = free_port();
@@ -89,6 +100,7 @@ impl Postgres {
                 .arg(&data)
                 .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "fsync=off"])
                 .args(["-c", "max_connections=200", "-c", "shared_buffers=256MB", "-c", "maintenance_work_mem=512MB"])
+                .args(&settings)
                 .stdin(Stdio::null())
                 .stdout(out.try_clone().expect("log handle"))
                 .stderr(out)

@@ -126,6 +126,14 @@ impl PgStore {
         loop {
             match tokio::time::timeout_at(deadline, store.pool.get()).await {
                 Ok(Ok(_)) => break,
+                // A certificate refused is a setting to change, not an outage to wait out.
+                Ok(Err(deadpool_postgres::PoolError::Backend(e))) if tls::is_handshake_refusal(&e) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "PostgreSQL at {}: the TLS handshake failed ({}): check sslmode and sslrootcert in DATABASE_URL",
+                        store.hosts,
+                        pg_text(&e)
+                    )));
+                }
                 Ok(Err(e)) => {
                     let e = pool_err("connecting", e);
                     match e {

@@ -165,6 +165,15 @@ impl Connection {
     }
 }
 
+/// Whether `e` is rustls refusing the handshake (a certificate not trusted, a name mismatch).
+pub fn is_handshake_refusal(e: &tokio_postgres::Error) -> bool {
+    // tokio-rustls wraps rustls' error in an io::Error, whose `source` skips it.
+    std::error::Error::source(e)
+        .and_then(|c| c.downcast_ref::<std::io::Error>())
+        .and_then(|io| io.get_ref())
+        .is_some_and(|inner| inner.is::<rustls::Error>())
+}
+
 /// The TLS keys of a connection string (decoded) and the string without them.
 fn split_tls_keys(url: &str) -> Result<(String, Vec<(String, String)>), String> {
     const KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
