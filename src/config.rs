@@ -197,6 +197,22 @@ mod tests {
     }
 
     #[test]
+    fn postgres_settings_are_checked_at_start() {
+        let pg = "--database-url=postgres://u@h/db";
+        assert_eq!(validated(&[pg]), Ok(()));
+        assert_eq!(validated(&["--database-url=host=h user=u dbname=db sslmode=require"]), Ok(()));
+        assert_eq!(validated(&[pg, "--hnsw-m=32", "--hnsw-ef-construction=64"]), Ok(()));
+        let e = validated(&["--database-url=mysql://u@h/db"]).expect_err("another scheme");
+        assert!(e.starts_with("DATABASE_URL must start with"), "{e}");
+        let e =
+            validated(&["--database-url=postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem"]).expect_err("no CA file");
+        assert!(e.starts_with("DATABASE_URL: sslrootcert /nonexistent/ca.pem"), "{e}");
+        let e = validated(&[pg, "--hnsw-m=40"]).expect_err("ef_construction 64 < 80");
+        assert!(e.starts_with("HNSW_EF_CONSTRUCTION 64 is below twice HNSW_M 40"), "{e}");
+        assert!(validated(&[pg, "--hnsw-m=1"]).is_err());
+    }
+
+    #[test]
     fn durations_take_seconds_or_a_unit() {
         assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
@@ -271,6 +287,15 @@ pub struct ServeConfig {
     /// hnsw.ef_search of searches in PostgreSQL: more, better recall and slower.
     #[arg(long, env = "HNSW_EF_SEARCH", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub hnsw_ef_search: u32,
+
+    /// `m` of the HNSW index facerec creates (DATABASE_MIGRATE=auto, when there is none yet):
+    /// links per node; more, better recall, a slower build and a larger index.
+    #[arg(long, env = "HNSW_M", default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..=100))]
+    pub hnsw_m: u32,
+
+    /// `ef_construction` of that index (at least twice HNSW_M): more, better recall, a slower build.
+    #[arg(long, env = "HNSW_EF_CONSTRUCTION", default_value_t = 64, value_parser = clap::value_parser!(u32).range(4..=1000))]
+    pub hnsw_ef_construction: u32,
 
     /// The embedded store's file.
     #[arg(long, env = "DATABASE_PATH", default_value = "data/facerec.db")]
@@ -445,12 +470,20 @@ impl ServeConfig {
             return Err("MONGO_URI must start with mongodb:// or mongodb+srv://".into());
         }
         if let Some(url) = self.postgres() {
-            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                return Err("DATABASE_URL must start with postgres:// or postgresql://".into());
+            // A postgres:// URL or libpq's `key=value` string.
+            if url.contains("://") && !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err("DATABASE_URL must start with postgres:// or postgresql:// (or be libpq's key=value string)".into());
             }
             if self.mongo().is_some() {
                 return Err("set DATABASE_URL or MONGO_URI, not both".into());
             }
+            crate::store::postgres::tls::Connection::parse(url).map_err(|e| format!("DATABASE_URL: {e}"))?;
+        }
+        if self.hnsw_ef_construction < 2 * self.hnsw_m {
+            return Err(format!(
+                "HNSW_EF_CONSTRUCTION {} is below twice HNSW_M {} (pgvector needs ef_construction >= 2 m)",
+                self.hnsw_ef_construction, self.hnsw_m
+            ));
         }
         self.validate_auth()
     }
@@ -544,6 +577,8 @@ impl ServeConfig {
             op_timeout: self.database_op_timeout,
             migrate: self.database_migrate,
             ef_search: self.hnsw_ef_search,
+            hnsw_m: self.hnsw_m,
+            hnsw_ef_construction: self.hnsw_ef_construction,
         }
     }
 

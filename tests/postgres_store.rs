@@ -19,7 +19,12 @@ use support::{TempDir, fixture, wait_until};
 const MODEL: &str = "w600k_mbf@test";
 
 fn opts() -> PgOptions {
-    PgOptions { connect_timeout: Duration::from_secs(20), op_timeout: Duration::from_secs(3), migrate: Migrate::Auto, ef_search: 100 }
+    PgOptions {
+        connect_timeout: Duration::from_secs(20),
+        op_timeout: Duration::from_secs(3),
+        migrate: Migrate::Auto,
+        ..PgOptions::default()
+    }
 }
 
 fn unit(i: usize) -> Vec<f32> {
@@ -184,6 +189,30 @@ fn existing_tables_of_the_other_services_are_used_as_they_are() {
     assert_eq!(pg.psql(&format!("select display_name from match_faces('{}', 5, 0.1)", vector_text(&unit(2)))).trim(), "Theirs");
 }
 
+#[test]
+fn the_hnsw_index_is_built_with_the_configured_settings() {
+    let pg = Postgres::start();
+    // The operator's way: schema.sql by hand, pgvector's defaults.
+    pg.psql_file(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/src/store/postgres/schema.sql")));
+    let reloptions = |pg: &Postgres, db: &str| {
+        pg.psql_in(db, "select array_to_string(reloptions, ',') from pg_class where relname = 'faces_face_vec_hnsw'").trim().to_owned()
+    };
+    assert_eq!(reloptions(&pg, "postgres"), "m=16,ef_construction=64");
+    let url = pg.create_database("tuned");
+    rt().block_on(async {
+        let tuned = PgOptions { hnsw_m: 24, hnsw_ef_construction: 80, ..opts() };
+        let store = PgStore::connect(&url, tuned).await.expect("migrates");
+        assert_eq!(store.hnsw_settings().await.unwrap(), Some((24, 80)));
+        drop(store);
+        // Settings apply when the index is created: a restart with others leaves it as built.
+        let store = PgStore::connect(&url, opts()).await.expect("migrates again");
+        assert_eq!(store.hnsw_settings().await.unwrap(), Some((24, 80)));
+        let by_hand = PgStore::connect(&pg.url(), opts()).await.expect("the hand-made schema");
+        assert_eq!(by_hand.hnsw_settings().await.unwrap(), Some((16, 64)));
+    });
+    assert_eq!(reloptions(&pg, "tuned"), "m=24,ef_construction=80");
+}
+
 /// A multipart body of text fields and one image.
 fn form(texts: &[(&str, &str)], image: &[u8]) -> (String, Vec<u8>) {
     let boundary = "facerec-pg-test-boundary";
@@ -343,6 +372,8 @@ fn measure_hnsw_recall_and_search_latency() {
     use tokio_postgres::binary_copy::BinaryCopyInWriter;
     let n: usize = std::env::var("FACEREC_RECALL_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
     let q: usize = std::env::var("FACEREC_RECALL_QUERIES").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let m: u32 = std::env::var("FACEREC_RECALL_M").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let efc: u32 = std::env::var("FACEREC_RECALL_EF_CONSTRUCTION").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
     let pg = Postgres::start();
     let mut rng = Normal(0x9E37_79B9_7F4A_7C15);
     let queries: Vec<Vec<f32>> = (0..q).map(|_| rng.unit_vector()).collect();
@@ -371,12 +402,17 @@ fn measure_hnsw_recall_and_search_latency() {
         let loaded = started.elapsed();
         let started = std::time::Instant::now();
         client
-            .batch_execute(
-                "set maintenance_work_mem = '4GB'; create index faces_face_vec_hnsw on faces using hnsw (face_vec vector_cosine_ops)",
-            )
+            .batch_execute(&format!(
+                "set maintenance_work_mem = '4GB'; create index faces_face_vec_hnsw on faces using hnsw (face_vec vector_cosine_ops) \
+                 with (m = {m}, ef_construction = {efc})"
+            ))
             .await
             .unwrap();
-        eprintln!("MEASURED rows={n} copy={:.1}s hnsw_build={:.1}s", loaded.as_secs_f64(), started.elapsed().as_secs_f64());
+        eprintln!(
+            "MEASURED rows={n} m={m} ef_construction={efc} copy={:.1}s hnsw_build={:.1}s",
+            loaded.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
         for ef in [40, 100] {
             let store = PgStore::connect(&pg.url(), PgOptions { ef_search: ef, ..opts() }).await.unwrap();
             for c in [0.4, 0.6] {

@@ -151,8 +151,12 @@ async fn a_server_without_tls_is_used_in_plain_text_unless_tls_is_required() {
 #[tokio::test]
 async fn the_store_pool_uses_the_tls_settings() {
     let s = server();
-    let opts =
-        PgOptions { connect_timeout: Duration::from_secs(2), op_timeout: Duration::from_secs(2), migrate: Migrate::Off, ef_search: 40 };
+    let opts = PgOptions {
+        connect_timeout: Duration::from_secs(2),
+        op_timeout: Duration::from_secs(2),
+        migrate: Migrate::Off,
+        ..PgOptions::default()
+    };
     let other = s.files.other_ca.display().to_string();
     let url = s.url(SCRAM_USER, "localhost", &format!("sslmode=verify-full&sslrootcert={other}"));
     match PgStore::connect(&url, opts.clone()).await {

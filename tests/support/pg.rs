@@ -113,7 +113,7 @@ impl Postgres {
                     last = tail(&log, 4000);
                     break;
                 }
-                if psql_at(port, "select 1").is_ok() {
+                if psql_at(port, "postgres", "select 1").is_ok() {
                     return Postgres { child: Some(child), port, dir, log };
                 }
                 if Instant::now() >= deadline {
@@ -168,11 +168,16 @@ impl Postgres {
 
     /// Runs `sql` with psql (`-At`: unaligned, tuples only), as the other service would; its stdout.
     pub fn psql_try(&self, sql: &str) -> Result<String, String> {
-        psql_at(self.port, sql)
+        psql_at(self.port, "postgres", sql)
     }
 
     pub fn psql(&self, sql: &str) -> String {
         self.psql_try(sql).unwrap_or_else(|e| panic!("psql {sql:.200}: {e}"))
+    }
+
+    /// Runs `sql` in database `db`.
+    pub fn psql_in(&self, db: &str, sql: &str) -> String {
+        psql_at(self.port, db, sql).unwrap_or_else(|e| panic!("psql -d {db} {sql:.200}: {e}"))
     }
 
     /// Runs a file of SQL (large inserts).
@@ -206,9 +211,9 @@ impl Drop for Postgres {
 }
 
 /// Runs `sql` with psql against the server on `port`.
-fn psql_at(port: u16, sql: &str) -> Result<String, String> {
+fn psql_at(port: u16, db: &str, sql: &str) -> Result<String, String> {
     let out = Command::new(pginstall().join("bin/psql"))
-        .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-p"])
+        .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-p"])
         .arg(port.to_string())
         .arg("-c")
         .arg(sql)

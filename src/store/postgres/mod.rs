@@ -73,11 +73,21 @@ pub struct PgOptions {
     pub migrate: Migrate,
     /// `hnsw.ef_search` of searches in the database.
     pub ef_search: u32,
+    /// `m` and `ef_construction` of the HNSW index, when the migration creates it.
+    pub hnsw_m: u32,
+    pub hnsw_ef_construction: u32,
 }
 
 impl Default for PgOptions {
     fn default() -> Self {
-        PgOptions { connect_timeout: Duration::from_secs(10), op_timeout: Duration::from_secs(3), migrate: Migrate::Auto, ef_search: 100 }
+        PgOptions {
+            connect_timeout: Duration::from_secs(10),
+            op_timeout: Duration::from_secs(3),
+            migrate: Migrate::Auto,
+            ef_search: 100,
+            hnsw_m: 16,
+            hnsw_ef_construction: 64,
+        }
     }
 }
 
@@ -152,6 +162,7 @@ impl PgStore {
             Migrate::Auto => store.migrate().await?,
             Migrate::Off => store.check_schema().await?,
         }
+        store.report_index().await;
         tracing::info!(hosts = %store.hosts, migrate = ?store.opts.migrate, tls = %protection, "postgres store: connected");
         Ok(store)
     }
@@ -171,7 +182,13 @@ impl PgStore {
     /// Runs [`SCHEMA`] in one transaction under an advisory lock.
     async fn migrate(&self) -> Result<(), StoreError> {
         let client = self.client().await?;
-        let script = format!("set client_min_messages = warning; begin; select pg_advisory_xact_lock({MIGRATE_LOCK}); {SCHEMA}; commit;");
+        // The index's settings reach schema.sql as session settings (it falls back to pgvector's
+        // defaults when run by hand without them).
+        let (m, ef) = (self.opts.hnsw_m, self.opts.hnsw_ef_construction);
+        let script = format!(
+            "set client_min_messages = warning; begin; select pg_advisory_xact_lock({MIGRATE_LOCK}); \
+             set local facerec.hnsw_m = '{m}'; set local facerec.hnsw_ef_construction = '{ef}'; {SCHEMA}; commit;"
+        );
         // The schema may wait on another replica's migration: a generous bound.
         match tokio::time::timeout(self.opts.connect_timeout.max(self.opts.op_timeout * 10), client.batch_execute(&script)).await {
             Ok(Ok(())) => Ok(()),
@@ -180,6 +197,44 @@ impl PgStore {
                 pg_text(&e)
             ))),
             Err(_) => Err(StoreError::Unavailable("setting up the schema: no answer in time".into())),
+        }
+    }
+
+    /// The HNSW index's `m` and `ef_construction` (pgvector's defaults where it was built
+    /// without them); `None` without an index.
+    pub async fn hnsw_settings(&self) -> Result<Option<(u32, u32)>, StoreError> {
+        let sql = "select coalesce(array_to_string(c.reloptions, ','), '') from pg_index i \
+                   join pg_class c on c.oid = i.indexrelid join pg_class t on t.oid = i.indrelid \
+                   where t.relname = 'faces' and t.relnamespace = current_schema()::regnamespace \
+                   and pg_get_indexdef(i.indexrelid) ilike '%using hnsw%face_vec%vector_cosine_ops%' limit 1";
+        let row = self
+            .bounded("reading the HNSW index", async { self.client().await?.query_opt(sql, &[]).await.map_err(|e| pg_err("", &e)) })
+            .await?;
+        Ok(row.map(|r| {
+            let options: String = r.get(0);
+            let value = |key: &str, default: u32| {
+                options.split(',').find_map(|o| o.strip_prefix(key)?.strip_prefix('=')?.parse().ok()).unwrap_or(default)
+            };
+            (value("m", 16), value("ef_construction", 64))
+        }))
+    }
+
+    /// Logs the index's settings, and says so when they are not the configured ones (HNSW_M
+    /// and HNSW_EF_CONSTRUCTION apply when the index is created, not to one that is there).
+    async fn report_index(&self) {
+        let wanted = (self.opts.hnsw_m, self.opts.hnsw_ef_construction);
+        match self.hnsw_settings().await {
+            Ok(Some(have)) if have == wanted => tracing::info!(m = have.0, ef_construction = have.1, "postgres store: HNSW index"),
+            Ok(Some((m, ef))) => tracing::warn!(
+                m,
+                ef_construction = ef,
+                "postgres store: the HNSW index was built with other settings than HNSW_M={} HNSW_EF_CONSTRUCTION={}; they apply when it is \
+                 created: `drop index faces_face_vec_hnsw` and restart (the build takes minutes per 100k rows) to rebuild it with them",
+                wanted.0,
+                wanted.1
+            ),
+            Ok(None) => tracing::warn!("postgres store: no HNSW index on faces.face_vec: a search in the database scans every row"),
+            Err(e) => tracing::warn!(error = %e, "postgres store: the HNSW index could not be read"),
         }
     }
 

@@ -42,7 +42,12 @@ begin
   -- An HNSW index for cosine distance on face_vec, unless one exists under another name.
   if not exists (select 1 from pg_indexes where tablename = 'faces'
                  and indexdef ilike '%using hnsw%face_vec%vector_cosine_ops%') then
-    execute 'create index faces_face_vec_hnsw on faces using hnsw (face_vec vector_cosine_ops)';
+    -- m and ef_construction from facerec's HNSW_M / HNSW_EF_CONSTRUCTION (session settings it
+    -- sets before running this file), else pgvector's defaults.
+    execute format('create index faces_face_vec_hnsw on faces using hnsw (face_vec vector_cosine_ops) '
+                   'with (m = %s, ef_construction = %s)',
+                   coalesce(nullif(current_setting('facerec.hnsw_m', true), ''), '16')::int,
+                   coalesce(nullif(current_setting('facerec.hnsw_ef_construction', true), ''), '64')::int);
   end if;
 end
 $facerec$;
