@@ -241,6 +241,37 @@ fn a_refused_row_takes_its_object_back_on_postgres() {
     f.stop();
 }
 
+#[test]
+fn with_image_presign_the_image_url_redirects_into_the_bucket() {
+    let moto = Moto::start();
+    moto.create_bucket(BUCKET);
+    let dir = TempDir::new("s3-presign");
+    let f = facerec_on(Db::Sqlite, &dir, &moto, "signed", &[("IMAGE_PRESIGN", "5m")]);
+    let alice = fixture("img5.jpg");
+    let (s, a) = register(&f, "Alice", &alice);
+    assert_eq!(s, 201, "{a}");
+    let id = a["id"].as_str().expect("id");
+
+    let r = f.get(&format!("/api/face/{id}/image"));
+    assert_eq!(r.status, 307, "{}", r.text());
+    assert_eq!(r.header("cache-control"), Some("private, no-store"));
+    let location = r.header("location").expect("Location").to_owned();
+    assert!(location.starts_with(&format!("{}/{BUCKET}/signed/{id}?", moto.endpoint())), "{location}");
+    for part in ["X-Amz-Algorithm=AWS4-HMAC-SHA256", "X-Amz-Expires=300", "X-Amz-Signature="] {
+        assert!(location.contains(part), "{part} in {location}");
+    }
+    // Fetched straight from the bucket, without facerec or its credentials.
+    let got = reqwest::blocking::get(&location).expect("GET the presigned URL");
+    assert_eq!(got.status().as_u16(), 200);
+    assert_eq!(got.bytes().expect("body").as_ref(), alice.as_slice(), "the bytes as registered");
+
+    // A record deleted: no redirect, 404.
+    assert_eq!(f.delete(&format!("/api/face/{id}")).status, 200);
+    let r = f.get(&format!("/api/face/{id}/image"));
+    assert_eq!((r.status, r.header("location")), (404, None));
+    f.stop();
+}
+
 /// The binary with `vars` exits at start; its stderr.
 fn start_fails(dir: &TempDir, vars: &[(&str, &str)]) -> String {
     let port = support::free_port();
@@ -282,4 +313,15 @@ fn a_missing_bucket_or_a_bad_setting_stops_the_start_with_a_clear_error() {
     vars[2] = ("AWS_ENDPOINT_URL", endpoint.as_str());
     let err = start_fails(&dir, &vars);
     assert!(err.contains("IMAGE_STORE s3://faces/reg"), "{err}");
+
+    // Presigned URLs need an S3 store, and last 7 days at most.
+    let err = start_fails(&dir, &[("IMAGE_PRESIGN", "5m")]);
+    assert!(err.contains("IMAGE_PRESIGN is set but IMAGE_STORE is not"), "{err}");
+    let folder = format!("file://{}", dir.path().join("images").display());
+    let err = start_fails(&dir, &[("IMAGE_STORE", folder.as_str()), ("IMAGE_PRESIGN", "5m")]);
+    assert!(err.contains("IMAGE_PRESIGN needs an S3 image store"), "{err}");
+    let mut vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    vars.push(("IMAGE_PRESIGN", "8d"));
+    let err = start_fails(&dir, &vars);
+    assert!(err.contains("IMAGE_PRESIGN is over 7 days"), "{err}");
 }

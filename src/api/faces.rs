@@ -19,6 +19,7 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{Form, Part};
 use crate::face::{Face, FoundBy};
 use crate::gallery::RecordMatch;
+use crate::service::faces::FaceImage;
 use crate::store::faces::FaceView;
 
 /// A face found in an image.
@@ -299,6 +300,7 @@ pub async fn get_face(State(st): State<Arc<AppState>>, Path(id): Path<String>) -
     params(("id" = String, Path, description = "Record id")),
     responses(
         (status = 200, description = "The image as registered", content_type = "image/*", body = Vec<u8>),
+        (status = 307, description = "With IMAGE_PRESIGN: the image is in the bucket, at the presigned URL of `Location` (valid for IMAGE_PRESIGN)"),
         (status = 401, description = "Credentials missing or wrong (`unauthorized`)", body = ErrorBody),
         (status = 404, description = "No such record (`face_not_found`)", body = ErrorBody),
         (status = 503, description = "Database or image store (IMAGE_STORE) unavailable (`store_unavailable`)", body = ErrorBody),
@@ -306,9 +308,18 @@ pub async fn get_face(State(st): State<Arc<AppState>>, Path(id): Path<String>) -
     security(("bearer" = []), ("api_key" = []))
 )]
 pub async fn get_face_image(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let image = st.service.face_image(&id).await?;
-    let ct = HeaderValue::from_str(&image.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
-    Ok(([(header::CONTENT_TYPE, ct), (header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"))], image.bytes).into_response())
+    let no_store = (header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+    match st.service.face_image(&id).await? {
+        FaceImage::Bytes(image) => {
+            let ct = HeaderValue::from_str(&image.content_type).unwrap_or(HeaderValue::from_static("application/octet-stream"));
+            Ok(([(header::CONTENT_TYPE, ct), no_store], image.bytes).into_response())
+        }
+        FaceImage::Presigned(url) => {
+            let location = HeaderValue::from_str(&url)
+                .map_err(|_| ApiError::new(ErrorCode::Internal, "the image store signed a URL that is not a header value"))?;
+            Ok((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, location), no_store]).into_response())
+        }
+    }
 }
 
 /// Registered faces, oldest first.

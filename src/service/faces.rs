@@ -13,6 +13,15 @@ use crate::store::StoreError;
 use crate::store::faces::{FaceRecord, FaceRecordStore, StoredImage};
 use crate::store::images::ImageObjects;
 
+/// A registered image, as `GET /api/face/{id}/image` answers it.
+#[derive(Debug)]
+pub enum FaceImage {
+    /// The bytes, from the database or the image store.
+    Bytes(StoredImage),
+    /// A presigned URL of the object in the bucket (IMAGE_PRESIGN).
+    Presigned(String),
+}
+
 /// Largest image kept by register (MongoDB documents stop at 16 MiB).
 pub const MAX_STORED_IMAGE: usize = 15 << 20;
 
@@ -204,17 +213,22 @@ impl Service {
     /// A record's image (`face_not_found` when absent). With an image store, the record is
     /// looked up first (the row is the truth: an object without one is not served); an image
     /// registered before IMAGE_STORE was set is still read from the store.
-    pub async fn face_image(&self, id: &str) -> Result<StoredImage, ApiError> {
+    /// With IMAGE_PRESIGN, an image in the bucket is a presigned URL to it instead of its bytes.
+    pub async fn face_image(&self, id: &str) -> Result<FaceImage, ApiError> {
         let Some(images) = &self.images else {
-            return self.faces.get_face_image(id).await?.ok_or_else(|| face_not_found(id));
+            return self.faces.get_face_image(id).await?.map(FaceImage::Bytes).ok_or_else(|| face_not_found(id));
         };
         self.face(id).await?;
+        if let Some(url) = images.presigned(id).await.map_err(image_store_down)? {
+            return Ok(FaceImage::Presigned(url));
+        }
         if let Some(image) = images.get(id).await.map_err(image_store_down)? {
-            return Ok(image);
+            return Ok(FaceImage::Bytes(image));
         }
         self.faces
             .get_face_image(id)
             .await?
+            .map(FaceImage::Bytes)
             .ok_or_else(|| ApiError::new(ErrorCode::FaceNotFound, format!("face record '{id}' has no image in {}", images.describe())))
     }
 

@@ -29,6 +29,11 @@ pub struct ImageStoreConfig {
     /// Bound of one image-store operation, its retries included.
     #[arg(long, env = "IMAGE_STORE_TIMEOUT", default_value = "10s", value_parser = crate::config::parse_duration)]
     pub image_store_timeout: Duration,
+
+    /// With an S3 image store: `GET /api/face/{id}/image` answers 307 to a presigned URL of the
+    /// object, valid this long (at most 7 days), instead of the bytes. Unset: facerec serves them.
+    #[arg(long, env = "IMAGE_PRESIGN", value_parser = crate::config::parse_lifetime)]
+    pub image_presign: Option<Duration>,
 }
 
 impl ImageStoreConfig {
@@ -44,8 +49,16 @@ impl ImageStoreConfig {
     /// unset. A missing bucket, refused credentials or an unreachable endpoint is an error
     /// that says so.
     pub async fn open(&self) -> Result<Option<ImageObjects>, String> {
-        let Some(location) = self.location()? else { return Ok(None) };
-        let images = ImageObjects::open(&location, self.image_store_timeout)?;
+        let Some(location) = self.location()? else {
+            return match self.image_presign {
+                Some(_) => Err("IMAGE_PRESIGN is set but IMAGE_STORE is not: presigned URLs need an S3 image store".into()),
+                None => Ok(None),
+            };
+        };
+        if self.image_presign.is_some_and(|t| t > Duration::from_secs(7 * 86_400)) {
+            return Err("IMAGE_PRESIGN is over 7 days, the longest an S3 presigned URL can last".into());
+        }
+        let images = ImageObjects::open(&location, self.image_store_timeout, self.image_presign)?;
         images.probe().await?;
         tracing::info!(images = %images.describe(), "registered images kept in the image store");
         Ok(Some(images))
@@ -107,7 +120,11 @@ mod tests {
 
     #[test]
     fn unset_or_empty_is_the_database() {
-        let cfg = |v: Option<&str>| ImageStoreConfig { image_store: v.map(str::to_owned), image_store_timeout: Duration::from_secs(1) };
+        let cfg = |v: Option<&str>| ImageStoreConfig {
+            image_store: v.map(str::to_owned),
+            image_store_timeout: Duration::from_secs(1),
+            image_presign: None,
+        };
         assert_eq!(cfg(None).location(), Ok(None));
         assert_eq!(cfg(Some(" ")).location(), Ok(None));
         assert!(cfg(Some("nope")).location().is_err());

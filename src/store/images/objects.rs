@@ -9,6 +9,7 @@ use std::time::Duration;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
+use object_store::signer::{Method, Signer};
 use object_store::{Attribute, Attributes, ClientConfigKey, ObjectStore, ObjectStoreExt, PutOptions, PutPayload, RetryConfig};
 
 use super::ImageLocation;
@@ -25,6 +26,8 @@ pub struct ImageObjects {
     timeout: Duration,
     /// The backend keeps a Content-Type with each object (S3 does; a folder does not).
     content_types: bool,
+    /// S3's URL signer and how long a presigned URL lasts (IMAGE_PRESIGN), when set.
+    presign: Option<(Arc<dyn Signer>, Duration)>,
 }
 
 impl ImageObjects {
@@ -32,7 +35,10 @@ impl ImageObjects {
     /// endpoint, region and credentials from the usual AWS variables (AWS_ENDPOINT_URL or
     /// AWS_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
     /// AWS_ALLOW_HTTP), path-style requests (what MinIO, Supabase and moto expect).
-    pub fn open(location: &ImageLocation, timeout: Duration) -> Result<ImageObjects, String> {
+    pub fn open(location: &ImageLocation, timeout: Duration, presign: Option<Duration>) -> Result<ImageObjects, String> {
+        if presign.is_some() && !matches!(location, ImageLocation::S3 { .. }) {
+            return Err("IMAGE_PRESIGN needs an S3 image store (IMAGE_STORE=s3://BUCKET/PREFIX): a folder cannot sign URLs".into());
+        }
         match location {
             ImageLocation::S3 { bucket, prefix } => {
                 // TLS through ring (see Cargo.toml); a provider installed already is kept.
@@ -50,9 +56,11 @@ impl ImageObjects {
                     // S3-compatible servers mostly ignore it; the signature needs one.
                     builder = builder.with_region("us-east-1");
                 }
-                let s3 = builder.build().map_err(|e| format!("IMAGE_STORE s3://{bucket}: {e}"))?;
+                let s3 = Arc::new(builder.build().map_err(|e| format!("IMAGE_STORE s3://{bucket}: {e}"))?);
                 let describe = format!("s3://{bucket}/{prefix}");
-                Ok(ImageObjects::over(Arc::new(s3), prefix, describe, timeout, true))
+                let mut images = ImageObjects::over(Arc::clone(&s3) as Arc<dyn ObjectStore>, prefix, describe, timeout, true);
+                images.presign = presign.map(|ttl| (s3 as Arc<dyn Signer>, ttl));
+                Ok(images)
             }
             ImageLocation::Folder(dir) => {
                 std::fs::create_dir_all(dir).map_err(|e| format!("IMAGE_STORE: creating {}: {e}", dir.display()))?;
@@ -64,7 +72,7 @@ impl ImageObjects {
 
     /// Images in `objects` under `prefix` (tests: an in-memory store).
     pub fn over(objects: Arc<dyn ObjectStore>, prefix: &str, describe: String, timeout: Duration, content_types: bool) -> ImageObjects {
-        ImageObjects { objects, prefix: ObjectPath::from(prefix), describe, timeout, content_types }
+        ImageObjects { objects, prefix: ObjectPath::from(prefix), describe, timeout, content_types, presign: None }
     }
 
     /// `s3://bucket/prefix` or `file:///dir`.
@@ -118,6 +126,22 @@ impl ImageObjects {
             Ok(Err(object_store::Error::NotFound { .. })) => Ok(None),
             Ok(Err(e)) => Err(self.unavailable("reading an image", &e)),
             Err(e) => Err(e),
+        }
+    }
+
+    /// With IMAGE_PRESIGN: a presigned GET URL of record `id`'s image, when its object is there
+    /// (one HEAD; signing itself is local). `None` without IMAGE_PRESIGN or without the object.
+    pub async fn presigned(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let Some((signer, ttl)) = &self.presign else { return Ok(None) };
+        let key = self.key(id);
+        match self.bounded_raw(self.objects.head(&key)).await? {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.unavailable("looking an image up", &e)),
+        }
+        match self.bounded_raw(signer.signed_url(Method::GET, &key, *ttl)).await? {
+            Ok(url) => Ok(Some(url.to_string())),
+            Err(e) => Err(self.unavailable("signing an image's URL", &e)),
         }
     }
 
@@ -191,7 +215,7 @@ mod tests {
     async fn a_folder_keeps_images_and_sniffs_their_type() {
         let dir = std::env::temp_dir().join(format!("facerec-images-{}", uuid::Uuid::new_v4()));
         let location: ImageLocation = format!("file://{}", dir.display()).parse().expect("location");
-        let images = ImageObjects::open(&location, Duration::from_secs(5)).expect("folder");
+        let images = ImageObjects::open(&location, Duration::from_secs(5), None).expect("folder");
         images.probe().await.expect("probe");
         let jpeg = image(b"\xff\xd8\xff\xe0rest of it", "image/jpeg");
         images.put("id-1", &jpeg).await.expect("put");
