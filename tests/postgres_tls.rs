@@ -16,20 +16,7 @@ use support::pg_tls::{CERT_USER, SCRAM_USER, TlsPostgres};
 
 fn server() -> &'static TlsPostgres {
     static SERVER: std::sync::OnceLock<TlsPostgres> = std::sync::OnceLock::new();
-    // Started by a thread that lives as long as the binary (the server dies with its starter).
-    SERVER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(std::panic::catch_unwind(TlsPostgres::start));
-            loop {
-                std::thread::park();
-            }
-        });
-        match rx.recv() {
-            Ok(Ok(s)) => s,
-            _ => panic!("the TLS PostgreSQL did not start"),
-        }
-    })
+    SERVER.get_or_init(|| support::start_for_the_binary(TlsPostgres::start, "the TLS PostgreSQL"))
 }
 
 /// An error and its causes on one line.
@@ -82,12 +69,12 @@ async fn verify_full_checks_the_chain_and_the_name() {
 }
 
 #[tokio::test]
-async fn verify_ca_and_require_with_a_root_file_check_the_chain_only() {
+async fn verify_ca_and_require_or_prefer_with_a_root_file_check_the_chain_only() {
     let s = server();
     let ca = s.files.ca.display().to_string();
-    for mode in ["verify-ca", "require"] {
+    for (mode, effective_mode) in [("verify-ca", SslMode::VerifyCa), ("require", SslMode::VerifyCa), ("prefer", SslMode::Prefer)] {
         let (effective, ssl, _) = session(&s.url(SCRAM_USER, "127.0.0.1", &format!("sslmode={mode}&sslrootcert={ca}"))).await.expect(mode);
-        assert_eq!((effective, ssl), (SslMode::VerifyCa, true), "{mode} with a root file: the chain, not the name");
+        assert_eq!((effective, ssl), (effective_mode, true), "{mode} with a root file: the chain, not the name");
         let other = s.files.other_ca.display().to_string();
         let e = session(&s.url(SCRAM_USER, "127.0.0.1", &format!("sslmode={mode}&sslrootcert={other}"))).await.expect_err("wrong CA");
         eprintln!("refused as expected: {e}");

@@ -484,3 +484,20 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Durati
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `start()` run on a thread that lives as long as the test binary, for a server shared by the
+/// binary's tests: servers started with `setpriv --pdeathsig` stop when their starter ends, so
+/// the starter must not be the test thread that asked first. Panics when `start` does.
+pub fn start_for_the_binary<T: Send + 'static>(start: fn() -> T, what: &str) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::panic::catch_unwind(start));
+        loop {
+            std::thread::park();
+        }
+    });
+    match rx.recv() {
+        Ok(Ok(server)) => server,
+        _ => panic!("{what} did not start"),
+    }
+}

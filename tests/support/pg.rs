@@ -134,19 +134,7 @@ impl Postgres {
     /// that asked first does).
     pub fn shared() -> &'static Postgres {
         static SHARED: OnceLock<Postgres> = OnceLock::new();
-        SHARED.get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::thread::spawn(move || {
-                let _ = tx.send(std::panic::catch_unwind(Postgres::start));
-                loop {
-                    std::thread::park();
-                }
-            });
-            match rx.recv() {
-                Ok(Ok(pg)) => pg,
-                _ => panic!("the shared PostgreSQL did not start"),
-            }
-        })
+        SHARED.get_or_init(|| super::start_for_the_binary(Postgres::start, "the shared PostgreSQL"))
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/postgres`.

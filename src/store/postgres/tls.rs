@@ -4,8 +4,9 @@
 //! `sslrootcert` (a PEM file, or `system` for the platform's roots, which implies `verify-full`),
 //! `sslcert` and `sslkey` (a client certificate), in the URL's query, in a `key=value` string or
 //! in the `PGSSLMODE`, `PGSSLROOTCERT`, `PGSSLCERT`, `PGSSLKEY` variables. As in libpq,
-//! `~/.postgresql/root.crt` is the default root file, `require` with a root file verifies the
-//! chain (as `verify-ca`), and `prefer`/`require` without one encrypt but accept any certificate.
+//! `~/.postgresql/root.crt` is the default root file, `prefer` and `require` with a root file
+//! verify the chain (`require` then reads as `verify-ca`), and without one they encrypt but
+//! accept any certificate.
 //!
 //! tokio-postgres parses none of these but `sslmode` (and not `verify-*`): they are taken out of
 //! the string here, the rest is parsed by tokio-postgres, and rustls (on ring) does the
@@ -116,14 +117,20 @@ impl Connection {
                 let roots = system_roots()?;
                 (mode, full_verifier(roots, &provider)?, Some("the system's roots".into()))
             }
-            (SslMode::Disable | SslMode::Prefer, _, _) | (SslMode::Require, _, None) => {
+            (SslMode::Disable, _, _) | (SslMode::Prefer | SslMode::Require, _, None) => {
                 (mode, Arc::new(AnyCertificate(provider.signature_verification_algorithms)), None)
             }
-            (SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull, _, Some(file)) => {
+            (_, _, Some(file)) => {
                 let roots = file_roots(&file)?;
                 let full = full_verifier(roots, &provider)?;
                 let shown = Some(file.display().to_string());
-                if mode == SslMode::VerifyFull { (mode, full, shown) } else { (SslMode::VerifyCa, Arc::new(ChainOnly(full)), shown) }
+                match mode {
+                    SslMode::VerifyFull => (mode, full, shown),
+                    // libpq checks the chain whenever a root file is there; `prefer` still
+                    // falls back to plain text when the server has no TLS.
+                    SslMode::Prefer => (mode, Arc::new(ChainOnly(full)), shown),
+                    _ => (SslMode::VerifyCa, Arc::new(ChainOnly(full)), shown),
+                }
             }
             (SslMode::VerifyCa | SslMode::VerifyFull, _, None) => {
                 return Err(format!(
@@ -157,7 +164,8 @@ impl Connection {
     pub fn describe(&self) -> String {
         match (self.mode, &self.roots) {
             (SslMode::Disable, _) => "sslmode=disable: plain text".into(),
-            (SslMode::Prefer, _) => "sslmode=prefer: TLS when the server offers it, its certificate not verified".into(),
+            (SslMode::Prefer, None) => "sslmode=prefer: TLS when the server offers it, its certificate not verified".into(),
+            (SslMode::Prefer, Some(r)) => format!("sslmode=prefer: TLS when the server offers it, its chain verified against {r}"),
             (SslMode::Require, _) => "sslmode=require: TLS, the server's certificate not verified".into(),
             (m, Some(r)) => format!("sslmode={}: TLS, the server's certificate verified against {r}", m.name()),
             (m, None) => format!("sslmode={}", m.name()),
