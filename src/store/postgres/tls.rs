@@ -147,7 +147,7 @@ impl Connection {
             .with_custom_certificate_verifier(verifier);
         let cert = get("sslcert", "PGSSLCERT").map(PathBuf::from).or_else(|| default_file("postgresql.crt"));
         let key = get("sslkey", "PGSSLKEY").map(PathBuf::from).or_else(|| default_file("postgresql.key"));
-        let tls = match (cert, key) {
+        let mut tls = match (cert, key) {
             (Some(cert), Some(key)) => {
                 let chain = read_certificates(&cert, "sslcert")?;
                 let key = PrivateKeyDer::from_pem_file(&key).map_err(|e| format!("sslkey {}: {e}", key.display()))?;
@@ -157,6 +157,9 @@ impl Connection {
             (Some(_), None) => return Err("sslcert is set but sslkey is not: a client certificate needs both".into()),
             (None, Some(_)) => return Err("sslkey is set but sslcert is not: a client certificate needs both".into()),
         };
+        // What libpq 17 sends; PostgreSQL 17 requires it with `sslnegotiation=direct` (which
+        // tokio-postgres parses itself), older servers ignore it.
+        tls.alpn_protocols = vec![b"postgresql".to_vec()];
         Ok(Connection { config, tls: MakeRustlsConnect::new(tls), mode, roots })
     }
 
