@@ -111,6 +111,7 @@ impl Connection {
         });
 
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let algorithms = provider.signature_verification_algorithms;
         let root_file = rootcert.filter(|r| r != "system").map(PathBuf::from).or_else(|| default_file("root.crt"));
         let (mode, verifier, roots): (SslMode, Arc<dyn ServerCertVerifier>, Option<String>) = match (mode, system, root_file) {
             (SslMode::VerifyFull, true, _) => {
@@ -118,7 +119,7 @@ impl Connection {
                 (mode, full_verifier(roots, &provider)?, Some("the system's roots".into()))
             }
             (SslMode::Disable, _, _) | (SslMode::Prefer | SslMode::Require, _, None) => {
-                (mode, Arc::new(AnyCertificate(provider.signature_verification_algorithms)), None)
+                (mode, Arc::new(Lenient { chain: None, algorithms }), None)
             }
             (_, _, Some(file)) => {
                 let roots = file_roots(&file)?;
@@ -128,8 +129,8 @@ impl Connection {
                     SslMode::VerifyFull => (mode, full, shown),
                     // libpq checks the chain whenever a root file is there; `prefer` still
                     // falls back to plain text when the server has no TLS.
-                    SslMode::Prefer => (mode, Arc::new(ChainOnly(full)), shown),
-                    _ => (SslMode::VerifyCa, Arc::new(ChainOnly(full)), shown),
+                    SslMode::Prefer => (mode, Arc::new(Lenient { chain: Some(full), algorithms }), shown),
+                    _ => (SslMode::VerifyCa, Arc::new(Lenient { chain: Some(full), algorithms }), shown),
                 }
             }
             (SslMode::VerifyCa | SslMode::VerifyFull, _, None) => {
@@ -289,11 +290,17 @@ fn full_verifier(roots: RootCertStore, provider: &Arc<CryptoProvider>) -> Result
     Ok(verifier)
 }
 
-/// `verify-ca`: the chain is checked, the name is not.
+/// The server's certificate below `verify-full`: with `chain`, checked against the roots but
+/// not against the host name (`verify-ca`, and `prefer`/`require` with a root file); without,
+/// any certificate (libpq's `prefer` and `require`). The handshake's signatures are checked
+/// either way.
 #[derive(Debug)]
-struct ChainOnly(Arc<dyn ServerCertVerifier>);
+struct Lenient {
+    chain: Option<Arc<dyn ServerCertVerifier>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -302,7 +309,8 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        let Some(chain) = &self.chain else { return Ok(ServerCertVerified::assertion()) };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. })) => {
                 Ok(ServerCertVerified::assertion())
             }
@@ -315,7 +323,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
     fn verify_tls13_signature(
         &self,
@@ -323,47 +331,10 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer` and `require` without a root file: any certificate (libpq's behaviour), the
-/// handshake's signatures still checked.
-#[derive(Debug)]
-struct AnyCertificate(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 
