@@ -2,7 +2,8 @@
 //! tests/support/pg_tls.rs; never skipped) and the TLS-less pgserver one: each sslmode does what
 //! libpq does with it, the certificate is checked as asked (chain, name), SCRAM binds to the TLS
 //! channel, a client certificate logs in, and the store's pool uses the same settings.
-//! The server reports the connection's TLS itself (`pg_stat_ssl`).
+//! The server reports the connection's TLS itself (`pg_stat_ssl`). And the whole store over TLS:
+//! two replicas of the real binary on pgserver's PostgreSQL (pgvector) behind a TLS terminator.
 
 mod support;
 
@@ -11,8 +12,10 @@ use std::time::Duration;
 use facerec::store::StoreError;
 use facerec::store::postgres::tls::{Connection, SslMode};
 use facerec::store::postgres::{Migrate, PgOptions, PgStore};
+use support::mongo::Facerec;
 use support::pg::Postgres;
-use support::pg_tls::{CERT_USER, SCRAM_USER, TlsPostgres};
+use support::pg_tls::{CERT_USER, Pki, SCRAM_USER, TlsPostgres, TlsTerminator};
+use support::{TempDir, wait_until};
 
 fn server() -> &'static TlsPostgres {
     static SERVER: std::sync::OnceLock<TlsPostgres> = std::sync::OnceLock::new();
@@ -168,4 +171,40 @@ async fn the_store_pool_uses_the_tls_settings() {
         Err(StoreError::Internal(m)) => assert!(m.contains("sslrootcert"), "{m}"),
         other => panic!("verify-full with no CA: {other:?}"),
     }
+}
+
+#[test]
+fn two_replicas_over_tls_see_each_other_within_one_second() {
+    let pg = Postgres::shared();
+    pg.create_database("tls_replicas");
+    let pki = Pki::new();
+    let terminator = TlsTerminator::start(pg.port, &pki);
+    // The replicas know the terminator only, and must verify it.
+    let url = format!(
+        "postgres://postgres@localhost:{}/tls_replicas?sslmode=verify-full&sslrootcert={}",
+        terminator.port,
+        pki.files.ca.display()
+    );
+    let vars = [("DATABASE_URL", url.as_str()), ("DATABASE_OP_TIMEOUT", "5s"), ("GALLERY", "memory")];
+    let (da, db) = (TempDir::new("tls-replica-a"), TempDir::new("tls-replica-b"));
+    let a = Facerec::start(da.path(), "", &vars);
+    let b = Facerec::start(db.path(), "", &vars);
+    assert_eq!(a.get("/health").json()["store"], "postgres");
+
+    // Registered through A (schema, pool and NOTIFY over TLS), found through B (its LISTEN
+    // connection over TLS) within 1 s; deleted through B, gone from A.
+    let id = a.register("Carol over TLS", "img5.jpg");
+    let took = wait_until(Duration::from_secs(1), || b.search("img6.jpg").contains(&id));
+    assert!(took.is_some(), "registration not seen by B within 1 s; its stderr:\n{}", b.stderr());
+    assert_eq!(b.delete(&format!("/api/face/{id}")).status, 200);
+    let took = wait_until(Duration::from_secs(1), || !a.search("img6.jpg").contains(&id));
+    assert!(took.is_some(), "deletion not seen by A within 1 s; its stderr:\n{}", a.stderr());
+
+    // Each replica: at least one pooled connection and one listening connection per channel.
+    eprintln!("TLS sessions through the terminator: {}", terminator.sessions());
+    assert!(terminator.sessions() >= 6, "{} TLS sessions", terminator.sessions());
+    assert_eq!(terminator.refused(), 0, "every connection asked for TLS and verified the terminator");
+    assert!(a.stderr().contains("sslmode=verify-full: TLS, the server's certificate verified against"), "the start log says so");
+    a.stop();
+    b.stop();
 }
