@@ -219,10 +219,12 @@ impl Service {
             return self.faces.get_face_image(id).await?.map(FaceImage::Bytes).ok_or_else(|| face_not_found(id));
         };
         self.face(id).await?;
-        if let Some(url) = images.presigned(id).await.map_err(image_store_down)? {
-            return Ok(FaceImage::Presigned(url));
-        }
-        if let Some(image) = images.get(id).await.map_err(image_store_down)? {
+        // Presigning looks the object up itself: when it is not there, the database is next.
+        if images.presigns() {
+            if let Some(url) = images.presigned(id).await.map_err(image_store_down)? {
+                return Ok(FaceImage::Presigned(url));
+            }
+        } else if let Some(image) = images.get(id).await.map_err(image_store_down)? {
             return Ok(FaceImage::Bytes(image));
         }
         self.faces

@@ -129,6 +129,11 @@ impl ImageObjects {
         }
     }
 
+    /// Whether images are answered as presigned URLs (IMAGE_PRESIGN).
+    pub fn presigns(&self) -> bool {
+        self.presign.is_some()
+    }
+
     /// With IMAGE_PRESIGN: a presigned GET URL of record `id`'s image, when its object is there
     /// (one HEAD; signing itself is local). `None` without IMAGE_PRESIGN or without the object.
     pub async fn presigned(&self, id: &str) -> Result<Option<String>, StoreError> {
